@@ -1,0 +1,265 @@
+// Fused per-sample, per-neuron gradient statistics on CPU.
+//
+// For a layer whose weight gradient is sum_n G_n^T X_n (Linear: X_n = [T, D] tokens of
+// sample n; Conv: X_n = im2col patches [L, K] of sample n, per conv group), compute
+//   grad_sq[n, c]      = || (G_n^T X_n)[c, :] ||^2
+//   group_grad[g, c, :] = sum_{n : group_ids[n] = g} (G_n^T X_n)[c, :]
+// without holding all B per-sample gradients: samples are processed in chunks whose
+// per-sample products fit a fixed budget, and each chunk's products are reduced into
+// both statistics in one fused OpenMP pass ("direct" path). The "gram" path avoids
+// per-sample products entirely: grad_sq[n, c] = g_nc^T (X_n X_n^T) g_nc, which is
+// cheaper when T is small against C and D; group sums then come from one GEMM per group.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace spurfast {
+
+namespace {
+
+// Per-sample products held at once: about 8 MiB of float32.
+constexpr int64_t kChunkElements = int64_t(1) << 21;
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+int64_t chunk_samples(int64_t per_sample_elements) {
+  return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, per_sample_elements));
+}
+
+// products: [n, C, D] contiguous; grad_sq: [n, C] rows of the output; group_grad: [G, C, D].
+template <typename scalar_t>
+void reduce_products(const scalar_t* products, int64_t n, int64_t C, int64_t D,
+                     const int64_t* group_ids, scalar_t* grad_sq, scalar_t* group_grad,
+                     bool with_group_grad) {
+  // Parallel over neurons: each thread owns whole rows of group_grad, so no atomics.
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t s = 0; s < n; ++s) {
+      const scalar_t* row = products + (s * C + c) * D;
+      scalar_t sq = 0;
+      if (with_group_grad) {
+        scalar_t* dst = group_grad + (group_ids[s] * C + c) * D;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t k = 0; k < D; ++k) {
+          const scalar_t v = row[k];
+          sq += v * v;
+          dst[k] += v;
+        }
+      } else {
+#pragma omp simd reduction(+ : sq)
+        for (int64_t k = 0; k < D; ++k) {
+          sq += row[k] * row[k];
+        }
+      }
+      grad_sq[s * C + c] = sq;
+    }
+  }
+}
+
+// grad_sq[s, c] = sum_t kg[s, t, c] * g[s, t, c] for a chunk; kg, g: [n, T, C].
+template <typename scalar_t>
+void contract_gram(const scalar_t* kg, const scalar_t* g, int64_t n, int64_t T, int64_t C,
+                   scalar_t* grad_sq) {
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < n; ++s) {
+    scalar_t* out = grad_sq + s * C;
+    for (int64_t c = 0; c < C; ++c) out[c] = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const scalar_t* a = kg + (s * T + t) * C;
+      const scalar_t* b = g + (s * T + t) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) out[c] += a[c] * b[c];
+    }
+  }
+}
+
+void check_inputs(const at::Tensor& group_ids, int64_t batch, int64_t num_groups) {
+  TORCH_CHECK(num_groups >= 1, "num_groups must be >= 1, got ", num_groups);
+  TORCH_CHECK(group_ids.dim() == 1 && group_ids.size(0) == batch,
+              "group_ids must have shape [", batch, "], got ", group_ids.sizes());
+  TORCH_CHECK(group_ids.scalar_type() == at::kLong, "group_ids must be int64");
+  TORCH_CHECK(group_ids.device().is_cpu(), "group_ids must be on CPU");
+  if (batch > 0) {
+    const int64_t lo = group_ids.min().item<int64_t>();
+    const int64_t hi = group_ids.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < num_groups, "group_ids must lie in [0, ", num_groups,
+                "), got values in [", lo, ", ", hi, "]");
+  }
+}
+
+// Samples sorted by group: (order, offsets) with group g at order[offsets[g]:offsets[g+1]].
+std::pair<at::Tensor, std::vector<int64_t>> sort_by_group(const at::Tensor& group_ids,
+                                                          int64_t num_groups) {
+  auto order = std::get<1>(group_ids.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+  auto counts = at::bincount(group_ids, {}, num_groups);
+  auto counts_a = counts.accessor<int64_t, 1>();
+  std::vector<int64_t> offsets(num_groups + 1, 0);
+  for (int64_t g = 0; g < num_groups; ++g) offsets[g + 1] = offsets[g] + counts_a[g];
+  return {order, offsets};
+}
+
+}  // namespace
+
+// x: [B, T, D], grad_out: [B, T, C], group_ids: [B] int64.
+// Returns grad_sq [B, C] and group_grad [G, C, D] in the accumulation dtype.
+std::vector<at::Tensor> linear_grad_stats_cpu(const at::Tensor& x_in, const at::Tensor& grad_out_in,
+                                              const at::Tensor& group_ids, int64_t num_groups,
+                                              const std::string& method) {
+  TORCH_CHECK(x_in.dim() == 3 && grad_out_in.dim() == 3, "x and grad_out must be 3-D [B, T, *]");
+  TORCH_CHECK(x_in.size(0) == grad_out_in.size(0) && x_in.size(1) == grad_out_in.size(1),
+              "x [B, T, D] and grad_out [B, T, C] must agree in B and T, got ", x_in.sizes(),
+              " and ", grad_out_in.sizes());
+  TORCH_CHECK(method == "direct" || method == "gram", "method must be 'direct' or 'gram'");
+  const int64_t B = x_in.size(0), T = x_in.size(1), D = x_in.size(2), C = grad_out_in.size(2);
+  check_inputs(group_ids, B, num_groups);
+  const auto acc = acc_type(x_in.scalar_type());
+  const auto x = x_in.to(acc).contiguous();
+  const auto g = grad_out_in.to(acc).contiguous();
+  auto grad_sq = at::empty({B, C}, x.options());
+  auto group_grad = at::zeros({num_groups, C, D}, x.options());
+  if (B == 0) return {grad_sq, group_grad};
+
+  if (method == "direct" && T > 1) {
+    const int64_t step = chunk_samples(C * D);
+    const auto gt = g.transpose(1, 2);  // [B, C, T]
+    for (int64_t s0 = 0; s0 < B; s0 += step) {
+      const int64_t n = std::min(step, B - s0);
+      const auto products = at::bmm(gt.narrow(0, s0, n), x.narrow(0, s0, n)).contiguous();
+      const auto gid = group_ids.narrow(0, s0, n).contiguous();
+      AT_DISPATCH_FLOATING_TYPES(acc, "reduce_products", [&] {
+        reduce_products<scalar_t>(products.data_ptr<scalar_t>(), n, C, D, gid.data_ptr<int64_t>(),
+                                  grad_sq.data_ptr<scalar_t>() + s0 * C,
+                                  group_grad.data_ptr<scalar_t>(), true);
+      });
+    }
+    return {grad_sq, group_grad};
+  }
+
+  if (T == 1) {
+    // Rank-one per-sample gradient: ||g_n[c] x_n||^2 = g_nc^2 ||x_n||^2.
+    const auto x2 = x.squeeze(1), g2 = g.squeeze(1);
+    grad_sq.copy_(g2.square() * x2.square().sum(1, true));
+  } else {
+    const int64_t step = chunk_samples(T * (T + C));
+    for (int64_t s0 = 0; s0 < B; s0 += step) {
+      const int64_t n = std::min(step, B - s0);
+      const auto xs = x.narrow(0, s0, n), gs = g.narrow(0, s0, n);
+      const auto gram = at::bmm(xs, xs.transpose(1, 2));  // [n, T, T]
+      const auto kg = at::bmm(gram, gs).contiguous();     // [n, T, C]
+      AT_DISPATCH_FLOATING_TYPES(acc, "contract_gram", [&] {
+        contract_gram<scalar_t>(kg.data_ptr<scalar_t>(), gs.data_ptr<scalar_t>(), n, T, C,
+                                grad_sq.data_ptr<scalar_t>() + s0 * C);
+      });
+    }
+  }
+  // Group sums: one GEMM per non-empty group, on the samples of that group.
+  auto [order, offsets] = sort_by_group(group_ids, num_groups);
+  const auto xs = x.index_select(0, order).reshape({B * T, D});
+  const auto gs = g.index_select(0, order).reshape({B * T, C});
+  for (int64_t gi = 0; gi < num_groups; ++gi) {
+    const int64_t lo = offsets[gi], hi = offsets[gi + 1];
+    if (hi == lo) continue;
+    auto dst = group_grad[gi];
+    at::mm_out(dst, gs.narrow(0, lo * T, (hi - lo) * T).t(),
+               xs.narrow(0, lo * T, (hi - lo) * T));
+  }
+  return {grad_sq, group_grad};
+}
+
+// x: [B, Cin, H, W], grad_out: [B, Cout, Ho, Wo].
+// Returns grad_sq [B, Cout] and group_grad [G, Cout, Cin / groups, kh, kw].
+std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::Tensor& grad_out_in,
+                                              at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation,
+                                              int64_t groups, const at::Tensor& group_ids,
+                                              int64_t num_groups, const std::string& method) {
+  TORCH_CHECK(x_in.dim() == 4 && grad_out_in.dim() == 4,
+              "x and grad_out must be 4-D [B, C, H, W], got ", x_in.sizes(), " and ",
+              grad_out_in.sizes());
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
+                  dilation.size() == 2,
+              "kernel_size, stride, padding and dilation must have 2 entries each");
+  TORCH_CHECK(method == "direct" || method == "gram", "method must be 'direct' or 'gram'");
+  const int64_t B = x_in.size(0), Cin = x_in.size(1), Cout = grad_out_in.size(1);
+  TORCH_CHECK(groups >= 1 && Cin % groups == 0 && Cout % groups == 0,
+              "groups=", groups, " must divide in_channels=", Cin, " and out_channels=", Cout);
+  TORCH_CHECK(grad_out_in.size(0) == B, "x and grad_out disagree in batch size");
+  check_inputs(group_ids, B, num_groups);
+  const int64_t kh = kernel_size[0], kw = kernel_size[1];
+  const int64_t Cg = Cout / groups, Kg = (Cin / groups) * kh * kw;
+  const int64_t L = grad_out_in.size(2) * grad_out_in.size(3);
+  const auto acc = acc_type(x_in.scalar_type());
+  const auto x = x_in.to(acc).contiguous();
+  const auto g = grad_out_in.to(acc).contiguous();
+  auto grad_sq = at::empty({B, Cout}, x.options());
+  auto group_grad = at::zeros({num_groups, Cout, Kg}, x.options());
+  if (B == 0) return {grad_sq, group_grad.view({num_groups, Cout, Cin / groups, kh, kw})};
+
+  const auto patches_of = [&](int64_t s0, int64_t n) {
+    // [n, Cin*kh*kw, L] -> [n*groups, Kg, L]; im2col orders rows (Cin, kh, kw), as the weight.
+    auto u = at::im2col(x.narrow(0, s0, n), {kh, kw}, dilation, padding, stride);
+    TORCH_CHECK(u.size(2) == L, "grad_out spatial size does not match the convolution of x: ",
+                "expected ", u.size(2), " output positions, got ", L);
+    return u.view({n * groups, Kg, L});
+  };
+  const auto grads_of = [&](int64_t s0, int64_t n) {
+    return g.narrow(0, s0, n).reshape({n * groups, Cg, L});
+  };
+
+  if (method == "direct") {
+    const int64_t step = chunk_samples(std::max(Cout * Kg, groups * Kg * L));
+    for (int64_t s0 = 0; s0 < B; s0 += step) {
+      const int64_t n = std::min(step, B - s0);
+      // [n*groups, Cg, Kg] is laid out as [n, Cout, Kg].
+      const auto products =
+          at::bmm(grads_of(s0, n), patches_of(s0, n).transpose(1, 2)).contiguous();
+      const auto gid = group_ids.narrow(0, s0, n).contiguous();
+      AT_DISPATCH_FLOATING_TYPES(acc, "reduce_products", [&] {
+        reduce_products<scalar_t>(products.data_ptr<scalar_t>(), n, Cout, Kg,
+                                  gid.data_ptr<int64_t>(), grad_sq.data_ptr<scalar_t>() + s0 * Cout,
+                                  group_grad.data_ptr<scalar_t>(), true);
+      });
+    }
+    return {grad_sq, group_grad.view({num_groups, Cout, Cin / groups, kh, kw})};
+  }
+
+  const int64_t step = chunk_samples(groups * L * (L + Kg + Cg));
+  for (int64_t s0 = 0; s0 < B; s0 += step) {
+    const int64_t n = std::min(step, B - s0);
+    const auto u = patches_of(s0, n);                               // [n*groups, Kg, L]
+    const auto gram = at::bmm(u.transpose(1, 2), u);                // [n*groups, L, L]
+    const auto gt = grads_of(s0, n).transpose(1, 2).contiguous();   // [n*groups, L, Cg]
+    const auto kg = at::bmm(gram, gt).contiguous();                 // [n*groups, L, Cg]
+    auto sq = at::empty({n * groups, Cg}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(acc, "contract_gram", [&] {
+      contract_gram<scalar_t>(kg.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(), n * groups, L, Cg,
+                              sq.data_ptr<scalar_t>());
+    });
+    grad_sq.narrow(0, s0, n).copy_(sq.view({n, Cout}));
+  }
+  // Group sums: the library's own weight-gradient kernel on each group's samples.
+  auto [order, offsets] = sort_by_group(group_ids, num_groups);
+  const auto weight_shape = std::vector<int64_t>{Cout, Cin / groups, kh, kw};
+  const auto w_dummy = at::empty(weight_shape, x.options());
+  auto group_grad5 = group_grad.view({num_groups, Cout, Cin / groups, kh, kw});
+  for (int64_t gi = 0; gi < num_groups; ++gi) {
+    const int64_t lo = offsets[gi], hi = offsets[gi + 1];
+    if (hi == lo) continue;
+    const auto idx = order.narrow(0, lo, hi - lo);
+    auto grads = at::convolution_backward(
+        g.index_select(0, idx), x.index_select(0, idx), w_dummy, c10::nullopt, stride, padding,
+        dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, {false, true, false});
+    group_grad5[gi].copy_(std::get<1>(grads));
+  }
+  return {grad_sq, group_grad5};
+}
+
+}  // namespace spurfast

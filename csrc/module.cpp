@@ -1,0 +1,44 @@
+// Python bindings of spurfast._C. Op schemas live in Python (spurfast/ops/_library.py) so
+// that they exist with or without native code; these functions are their CPU kernels.
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace spurfast {
+std::vector<at::Tensor> linear_grad_stats_cpu(const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, int64_t, const std::string&);
+std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor&, const at::Tensor&,
+                                              at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                              at::IntArrayRef, int64_t, const at::Tensor&, int64_t,
+                                              const std::string&);
+std::vector<at::Tensor> activation_stats_cpu(const at::Tensor&, const at::Tensor&, int64_t, bool);
+}  // namespace spurfast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "spurfast native kernels";
+  m.def("linear_grad_stats", &spurfast::linear_grad_stats_cpu,
+        "grad_sq [B, C] and group_grad [G, C, D] of a linear layer (CPU)");
+  m.def("conv2d_grad_stats", &spurfast::conv2d_grad_stats_cpu,
+        "grad_sq [B, Cout] and group_grad [G, *W.shape] of a 2-D convolution (CPU)");
+  m.def("activation_stats", &spurfast::activation_stats_cpu,
+        "per-sample channel means and their per-group moments (CPU)");
+  m.def("openmp_max_threads", []() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  });
+  m.def("with_cuda", []() {
+#ifdef SPURFAST_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}

@@ -1,0 +1,582 @@
+"""Statistics capture: :class:`NeuronStats` records per-sample, per-neuron statistics of a
+model's Linear/Conv layers during an ordinary forward/backward.
+
+How it works. Inside ``with stats.record(group_ids):`` each tracked layer runs through an
+autograd Function whose backward computes the layer's weight gradient *with* the fused op
+(``dW = group_grad.sum(0)``), so the statistics cost about what the weight gradient costs;
+input and bias gradients are computed as usual. Outside ``record`` the model is untouched:
+no hooks are registered and every layer runs its own ``forward``.
+
+Semantics, per tracked layer and recorded batch of B samples:
+
+* ``last_grad_sq[name] [B, C]``: ``||d l_n / d W[c]||^2``. With ``loss_reduction="mean"``
+  the recorded loss is taken to be ``mean_n l_n``, and gradients are rescaled by B so that
+  the statistics are those of ``l_n``.
+* ``group_grad[name] [G, *W.shape]``: running sum over recorded samples of group g of
+  ``d l_n / d W``.
+* ``last_act[name] [B, C]``: the layer output's mean over positions, per sample and channel.
+* Layers whose inputs couple samples (BatchNorm in train mode upstream) get, for sample n,
+  its *contribution* ``x_n``/``grad_out_n`` to the batch gradient; contributions still sum
+  to the weight gradient.
+* A layer called several times in one forward is exact: its per-sample gradient (the sum
+  over calls) is materialised for that layer only. Calling it again after its backward ran
+  within the same ``record`` raises, since the combined statistic could no longer be formed.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import OrderedDict
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from spurfast._extension import warn_once
+from spurfast.ops._common import check_group_ids, reduce_per_sample_grad
+from spurfast.ops.activation_stats import activation_stats, merge_group_moments
+from spurfast.ops.conv_grad_stats import conv2d_per_sample_grad, conv_grad_stats
+from spurfast.ops.linear_grad_stats import as_tokens, linear_grad_stats, linear_per_sample_grad
+
+_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def _kind(module: nn.Module) -> Optional[str]:
+    """'linear' / 'conv' for layers whose forward is the stock one, else None."""
+    for base, kind in ((nn.Linear, "linear"), (nn.Conv1d, "conv"), (nn.Conv2d, "conv")):
+        if isinstance(module, base) and type(module).forward is base.forward:
+            return kind
+    return None
+
+
+class _Layer:
+    """One tracked layer: its module and running statistics."""
+
+    def __init__(self, name: str, module: nn.Module, kind: str):
+        self.name = name
+        self.module = module
+        self.kind = kind
+        self.out_channels = module.weight.shape[0]
+
+
+class _Batch:
+    """Statistics of one ``record`` block, folded into the running sums on clean exit."""
+
+    def __init__(self, group_ids: torch.Tensor, num_groups: int, grad_scale: float):
+        self.group_ids = group_ids
+        self.size = group_ids.shape[0]
+        self.num_groups = num_groups
+        self.grad_scale = grad_scale
+        self.closed = False
+        self._ids_on: Dict[torch.device, torch.Tensor] = {}
+        self.grad_calls: Dict[str, int] = {}  # forward calls that will receive a backward
+        self.grad_received: Dict[str, int] = {}
+        self.grad_done: set = set()
+        self.per_sample_grad: Dict[str, torch.Tensor] = {}  # only for layers called several times
+        self.grad_sq: Dict[str, torch.Tensor] = {}
+        self.group_grad: Dict[str, torch.Tensor] = {}
+        self.act_sum: Dict[str, torch.Tensor] = {}  # [B, C] sum over calls of positions * mean
+        self.act_positions: Dict[str, int] = {}
+        self.act_moments: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def ids_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._ids_on:
+            self._ids_on[device] = self.group_ids.to(device, non_blocking=True)
+        return self._ids_on[device]
+
+
+class _LayerStatsFunction(torch.autograd.Function):
+    """``y = layer(x)``; backward returns the usual grads, with dW from the fused op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, owner, layer, conv_args):
+        ctx.owner, ctx.layer, ctx.conv_args = owner, layer, conv_args
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        if conv_args is None:
+            return F.linear(x, weight, bias)
+        stride, padding, dilation, groups = conv_args
+        conv = F.conv1d if weight.dim() == 3 else F.conv2d
+        return conv(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        w = weight.to(grad_out.dtype)
+        grad_x = grad_b = None
+        if ctx.conv_args is None:
+            if needs_x:
+                grad_x = grad_out.matmul(w)
+            if needs_b:
+                grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        elif needs_x or needs_b:
+            stride, padding, dilation, groups = ctx.conv_args
+            grad_x, _, grad_b = torch.ops.aten.convolution_backward(
+                grad_out, x.to(grad_out.dtype), w, [w.shape[0]] if ctx.has_bias else None,
+                list(stride), list(padding), list(dilation), False, [0] * (w.dim() - 2), groups,
+                [needs_x, False, needs_b],
+            )
+        grad_w = ctx.owner._on_backward(ctx.layer, x, grad_out, ctx.conv_args)
+        if grad_w is not None and needs_w:
+            grad_w = grad_w.to(weight.dtype)
+        else:
+            grad_w = None
+        return grad_x, grad_w, grad_b if needs_b else None, None, None, None
+
+
+class NeuronStats:
+    """Per-sample, per-neuron gradient and activation statistics of a model's layers.
+
+    Args:
+        model: any ``nn.Module``; its ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` layers are tracked.
+        num_groups: number of groups G; ``group_ids`` passed to :meth:`record` lie in ``[0, G)``.
+        loss_reduction: ``"mean"`` (the loss is a mean over the batch, as ``F.cross_entropy``'s
+            default) or ``"sum"``; decides the rescaling to per-sample losses ``l_n``.
+        backend: ``"auto"``, ``"torch"`` or ``"cpp"``; see :func:`spurfast.build_info`.
+        layers: names or modules to track; default every supported layer whose weight
+            requires grad (children of ``nn.MultiheadAttention`` are skipped: it uses their
+            weights without calling them).
+        track_group_grad: keep ``group_grad`` (``G * |W|`` memory per layer).
+        track_activations: keep activation statistics.
+
+    Example::
+
+        >>> import torch, torch.nn as nn, torch.nn.functional as F, spurfast as sf
+        >>> model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> stats = sf.NeuronStats(model, num_groups=2)
+        >>> x, y, group_ids = torch.randn(16, 10), torch.randint(0, 3, (16,)), torch.arange(16) % 2
+        >>> with stats.record(group_ids):
+        ...     F.cross_entropy(model(x), y).backward()
+        >>> stats.last_grad_sq["0"].shape, stats.group_grad["2"].shape
+        (torch.Size([16, 8]), torch.Size([2, 3, 8]))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_groups: int,
+        loss_reduction: str = "mean",
+        backend: str = "auto",
+        layers: Optional[Sequence[Union[str, nn.Module]]] = None,
+        *,
+        track_group_grad: bool = True,
+        track_activations: bool = True,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        from spurfast.ops._common import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.num_groups = num_groups
+        self.loss_reduction = loss_reduction
+        self.backend = backend
+        self.track_group_grad = track_group_grad
+        self.track_activations = track_activations
+        self._model_ref = weakref.ref(model)
+        self._layers: "OrderedDict[str, _Layer]" = self._select_layers(model, layers)
+        self._batch: Optional[_Batch] = None
+        self._removed = False
+        self.reset()
+
+    # ------------------------------------------------------------------ layer selection
+    @staticmethod
+    def _select_layers(model: nn.Module, layers) -> "OrderedDict[str, _Layer]":
+        named = OrderedDict(model.named_modules())
+        name_of = {id(m): n for n, m in named.items()}
+        skipped = set()
+        for n, m in named.items():
+            if isinstance(m, nn.MultiheadAttention):
+                skipped.update(id(c) for c in m.modules() if c is not m)
+        if layers is None:
+            chosen = [
+                n for n, m in named.items()
+                if _kind(m) is not None and id(m) not in skipped and m.weight.requires_grad
+            ]
+        else:
+            if isinstance(layers, (str, nn.Module)):
+                layers = [layers]
+            chosen = []
+            for item in layers:
+                n = item if isinstance(item, str) else name_of.get(id(item))
+                if n is None or n not in named:
+                    raise ValueError(f"layer {item!r} is not a submodule of the model")
+                m = named[n]
+                if _kind(m) is None:
+                    raise TypeError(
+                        f"layer {n!r} ({type(m).__name__}) is not supported: spurfast tracks nn.Linear, "
+                        "nn.Conv1d and nn.Conv2d (and subclasses that keep their forward)"
+                    )
+                if not m.weight.requires_grad:
+                    raise ValueError(f"layer {n!r} has a weight with requires_grad=False; it has no gradient to measure")
+                chosen.append(n)
+        if not chosen:
+            raise ValueError("no layer to track: the model has no nn.Linear/nn.Conv1d/nn.Conv2d whose weight requires grad")
+        owners: Dict[int, List[str]] = {}
+        for n, m in named.items():
+            for p in m.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(n)
+        result: "OrderedDict[str, _Layer]" = OrderedDict()
+        for n in chosen:
+            m = named[n]
+            if "forward" in vars(m):
+                raise ValueError(f"layer {n!r} has its forward replaced on the instance; spurfast cannot track it")
+            shared = [o for o in owners[id(m.weight)] if o != n]
+            if shared:
+                raise ValueError(
+                    f"layer {n!r} shares its weight with {shared}; tied weights are not supported "
+                    "(statistics would miss the other use)"
+                )
+            result[n] = _Layer(n, m, _kind(m))
+        return result
+
+    @property
+    def layer_names(self) -> List[str]:
+        """Names of the tracked layers, in module order."""
+        return list(self._layers)
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget everything recorded so far."""
+        self.group_count = torch.zeros(self.num_groups, dtype=torch.int64)
+        self.grad_sq_sum: Dict[str, torch.Tensor] = {}
+        self.group_grad: Dict[str, torch.Tensor] = {}
+        self.act_count: Dict[str, torch.Tensor] = {}
+        self.act_mean: Dict[str, torch.Tensor] = {}
+        self._act_m2: Dict[str, torch.Tensor] = {}
+        self.last_grad_sq: Dict[str, torch.Tensor] = {}
+        self.last_act: Dict[str, torch.Tensor] = {}
+        for layer in self._layers.values():
+            w = layer.module.weight
+            self.grad_sq_sum[layer.name] = torch.zeros(self.num_groups, layer.out_channels, dtype=torch.float64, device=w.device)
+            if self.track_group_grad:
+                self.group_grad[layer.name] = torch.zeros((self.num_groups,) + tuple(w.shape), dtype=torch.float32, device=w.device)
+            if self.track_activations:
+                self.act_count[layer.name] = torch.zeros(self.num_groups, dtype=torch.int64, device=w.device)
+                self.act_mean[layer.name] = torch.zeros(self.num_groups, layer.out_channels, dtype=torch.float64, device=w.device)
+                self._act_m2[layer.name] = torch.zeros_like(self.act_mean[layer.name])
+
+    @property
+    def act_var(self) -> Dict[str, torch.Tensor]:
+        """Per-group population variance ``[G, C]`` of the per-sample channel means (0 for empty groups)."""
+        return {
+            n: m2 / self.act_count[n].clamp(min=1).unsqueeze(1).to(m2.dtype) for n, m2 in self._act_m2.items()
+        }
+
+    def grad_sq_mean(self) -> Dict[str, torch.Tensor]:
+        """Per-group mean of ``grad_sq`` ``[G, C]`` (NaN for groups with no recorded sample)."""
+        count = self.group_count.to(torch.float64)
+        return {n: s / count.to(s.device).unsqueeze(1) for n, s in self.grad_sq_sum.items()}
+
+    def state_dict(self) -> Dict[str, object]:
+        """Running statistics as a flat dict of tensors plus the settings they depend on."""
+        state: Dict[str, object] = {
+            "num_groups": self.num_groups,
+            "loss_reduction": self.loss_reduction,
+            "layer_names": self.layer_names,
+            "group_count": self.group_count.clone(),
+        }
+        for prefix, table in self._tables():
+            for n, t in table.items():
+                state[f"{prefix}.{n}"] = t.clone()
+        return state
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Restore :meth:`state_dict` output; checks layers, groups and shapes first, changes nothing on error."""
+        for key in ("num_groups", "loss_reduction", "layer_names", "group_count"):
+            if key not in state:
+                raise KeyError(f"state dict lacks {key!r}")
+        if state["num_groups"] != self.num_groups or list(state["layer_names"]) != self.layer_names:
+            raise ValueError(
+                f"state dict is for num_groups={state['num_groups']} and layers {list(state['layer_names'])}, "
+                f"this NeuronStats has num_groups={self.num_groups} and layers {self.layer_names}"
+            )
+        if state["loss_reduction"] != self.loss_reduction:
+            raise ValueError(f"state dict used loss_reduction={state['loss_reduction']!r}, this one {self.loss_reduction!r}")
+        updates = []
+        for prefix, table in self._tables():
+            for n, t in table.items():
+                key = f"{prefix}.{n}"
+                if key not in state:
+                    raise KeyError(f"state dict lacks {key!r}")
+                if tuple(state[key].shape) != tuple(t.shape):
+                    raise ValueError(f"{key} has shape {list(state[key].shape)}, expected {list(t.shape)}")
+                updates.append((table, n, state[key].to(t.device, t.dtype)))
+        self.group_count = state["group_count"].clone().to(torch.int64)
+        for table, n, t in updates:
+            table[n] = t.clone()
+
+    def _tables(self):
+        yield "grad_sq_sum", self.grad_sq_sum
+        if self.track_group_grad:
+            yield "group_grad", self.group_grad
+        if self.track_activations:
+            yield "act_count", self.act_count
+            yield "act_mean", self.act_mean
+            yield "act_m2", self._act_m2
+
+    def remove(self) -> None:
+        """Drop all statistics and detach from the model for good (the model is already untouched)."""
+        if self._batch is not None:
+            raise RuntimeError("remove() called inside record(); leave the record block first")
+        self._removed = True
+        self._layers = OrderedDict()
+        self.reset()
+
+    # ------------------------------------------------------------------ recording
+    @contextlib.contextmanager
+    def record(self, group_ids: torch.Tensor) -> Iterator["NeuronStats"]:
+        """Record one batch: run forward and ``backward()`` of the batch loss inside the block.
+
+        ``group_ids``: ``[B]`` integer tensor in ``[0, num_groups)``, one per sample of the batch
+        (dim 0 of every tracked layer's input). The batch is folded into the running statistics
+        when the block exits normally; on an exception, or if a statistic is NaN/Inf (a
+        ``FloatingPointError`` naming the layers), the running statistics are left unchanged.
+        """
+        if self._removed:
+            raise RuntimeError("this NeuronStats was removed; create a new one")
+        if self._batch is not None:
+            raise RuntimeError("record() blocks cannot be nested")
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("the model was garbage-collected")
+        if not isinstance(group_ids, torch.Tensor):
+            raise TypeError(f"group_ids must be a torch.Tensor of shape [B], got {type(group_ids).__name__}")
+        if group_ids.dim() != 1:
+            raise ValueError(f"group_ids must have shape [B], got {list(group_ids.shape)}")
+        group_ids = check_group_ids(group_ids, group_ids.shape[0], self.num_groups)
+        batch_size = group_ids.shape[0]
+        grad_scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
+        batch = _Batch(group_ids, self.num_groups, grad_scale)
+        self._batch = batch
+        patched = []
+        try:
+            for layer in self._layers.values():
+                layer.module.forward = self._make_forward(layer, batch)
+                patched.append(layer)
+            yield self
+        except BaseException:
+            batch.closed = True
+            raise
+        else:
+            batch.closed = True
+            self._fold(batch)
+        finally:
+            for layer in patched:
+                del layer.module.forward
+            self._batch = None
+
+    def _make_forward(self, layer: _Layer, batch: _Batch):
+        module = layer.module
+        owner = self
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] != batch.size:
+                raise ValueError(
+                    f"layer {layer.name!r} got an input with {x.shape[0]} samples in dim 0, but record() "
+                    f"was given {batch.size} group ids (the batch must be dim 0)"
+                )
+            x, conv_args = _prepare_input(module, x) if layer.kind == "conv" else (x, None)
+            grad_on = torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)
+            if grad_on:
+                if layer.name in batch.grad_done:
+                    raise RuntimeError(
+                        f"layer {layer.name!r} was called again after its backward ran in this record(); "
+                        "run one forward and one backward per record() block"
+                    )
+                batch.grad_calls[layer.name] = batch.grad_calls.get(layer.name, 0) + 1
+                out = _LayerStatsFunction.apply(x, module.weight, module.bias, owner, layer, conv_args)
+            elif conv_args is None:
+                out = F.linear(x, module.weight, module.bias)
+            else:
+                conv = F.conv1d if module.weight.dim() == 3 else F.conv2d
+                out = conv(x, module.weight, module.bias, *conv_args)
+            if owner.track_activations:
+                owner._on_activation(layer, batch, out.detach())
+            return out
+
+        return forward
+
+    def _on_activation(self, layer: _Layer, batch: _Batch, out: torch.Tensor) -> None:
+        channel_dim = -1 if layer.kind == "linear" else 1
+        ids = batch.ids_on(out.device)
+        act, count, mean, m2 = activation_stats(
+            out, ids, self.num_groups, channel_dim=channel_dim, backend=self.backend, check_inputs=False
+        )
+        positions = out[0].numel() // layer.out_channels if out.shape[0] else 1
+        if layer.name in batch.act_sum:
+            batch.act_sum[layer.name] += act * positions
+            batch.act_positions[layer.name] += positions
+            batch.act_moments.pop(layer.name, None)  # recomputed from the combined means at exit
+        else:
+            batch.act_sum[layer.name] = act * positions
+            batch.act_positions[layer.name] = positions
+            batch.act_moments[layer.name] = (count, mean, m2)
+
+    def _on_backward(self, layer: _Layer, x: torch.Tensor, grad_out: torch.Tensor, conv_args) -> Optional[torch.Tensor]:
+        """Weight gradient of one call; records the batch statistics as a side effect."""
+        batch = self._batch_of(layer)
+        module = layer.module
+        if batch is None:
+            warn_once(
+                "backward-after-record",
+                "spurfast: backward ran after its record() block exited; the statistics of that "
+                "batch are dropped (call backward inside the block)",
+            )
+            return _plain_weight_grad(module, x, grad_out, conv_args)
+        name = layer.name
+        batch.grad_received[name] = batch.grad_received.get(name, 0) + 1
+        ids = batch.ids_on(x.device)
+        if batch.grad_calls.get(name, 0) == 1:
+            num_groups = self.num_groups if self.track_group_grad else 1
+            op_ids = ids if self.track_group_grad else torch.zeros_like(ids)
+            if conv_args is None:
+                grad_sq, group_grad = linear_grad_stats(
+                    x, grad_out, op_ids, num_groups, backend=self.backend, check_inputs=False
+                )
+            else:
+                stride, padding, dilation, groups = conv_args
+                grad_sq, group_grad = conv_grad_stats(
+                    x, grad_out, module.weight.shape, stride, padding, dilation, groups, op_ids, num_groups,
+                    backend=self.backend, check_inputs=False,
+                )
+            grad_w = group_grad.sum(0)
+            self._store_grad_stats(batch, layer, grad_sq, group_grad)
+            return grad_w
+        # Called several times: the per-sample gradient is the sum over calls, so keep it.
+        if conv_args is None:
+            per_sample = linear_per_sample_grad(as_tokens(x, "x"), as_tokens(grad_out, "grad_out"))
+        else:
+            per_sample = _conv_per_sample_grad(module, x, grad_out, conv_args)
+        if name in batch.per_sample_grad:
+            batch.per_sample_grad[name] += per_sample
+        else:
+            batch.per_sample_grad[name] = per_sample
+        if batch.grad_received[name] == batch.grad_calls[name]:
+            self._finish_multi_call(batch, layer)
+        return per_sample.sum(0)
+
+    def _batch_of(self, layer: _Layer) -> Optional[_Batch]:
+        batch = self._batch
+        return None if batch is None or batch.closed else batch
+
+    def _finish_multi_call(self, batch: _Batch, layer: _Layer) -> None:
+        per_sample = batch.per_sample_grad.pop(layer.name)
+        ids = batch.ids_on(per_sample.device)
+        if self.track_group_grad:
+            grad_sq, group_grad = reduce_per_sample_grad(per_sample, ids, self.num_groups)
+        else:
+            grad_sq, group_grad = per_sample.flatten(2).square().sum(-1), None
+        self._store_grad_stats(batch, layer, grad_sq, group_grad)
+
+    def _store_grad_stats(self, batch: _Batch, layer: _Layer, grad_sq, group_grad) -> None:
+        scale = batch.grad_scale
+        batch.grad_sq[layer.name] = grad_sq.float() * (scale * scale)
+        if self.track_group_grad:
+            batch.group_grad[layer.name] = group_grad.reshape((self.num_groups,) + tuple(layer.module.weight.shape)) * scale
+        batch.grad_done.add(layer.name)
+
+    def _fold(self, batch: _Batch) -> None:
+        """Fold a finished batch into the running statistics, all or nothing."""
+        for name in list(batch.per_sample_grad):  # calls whose backward never came contribute zero
+            self._finish_multi_call(batch, self._layers[name])
+        any_grad = bool(batch.grad_sq)
+        last_grad_sq: Dict[str, torch.Tensor] = {}
+        if any_grad:
+            for layer in self._layers.values():
+                w = layer.module.weight
+                # A layer the loss did not reach has zero gradient for every sample.
+                last_grad_sq[layer.name] = batch.grad_sq.get(
+                    layer.name, torch.zeros(batch.size, layer.out_channels, device=w.device)
+                )
+        last_act: Dict[str, torch.Tensor] = {}
+        moments = {}
+        for name, act_sum in batch.act_sum.items():
+            act = (act_sum / batch.act_positions[name]).float()
+            last_act[name] = act
+            if name in batch.act_moments:
+                moments[name] = batch.act_moments[name]
+            else:
+                _, count, mean, m2 = activation_stats(
+                    act.unsqueeze(-1), batch.ids_on(act.device), self.num_groups, backend=self.backend, check_inputs=False
+                )
+                moments[name] = (count, mean, m2)
+        finite = [torch.isfinite(t).all() for t in list(last_grad_sq.values()) + list(last_act.values())]
+        if finite and not bool(torch.stack([f.cpu() for f in finite]).all()):
+            bad = [n for n, t in list(last_grad_sq.items()) + list(last_act.items()) if not bool(torch.isfinite(t).all())]
+            raise FloatingPointError(
+                f"non-finite statistics (NaN/Inf in the activations or gradients) in layers {sorted(set(bad))}; "
+                "this batch was not recorded"
+            )
+        if any_grad:
+            counts = torch.bincount(batch.group_ids.cpu(), minlength=self.num_groups)
+            for name, grad_sq in last_grad_sq.items():
+                ids = batch.ids_on(grad_sq.device)
+                self.grad_sq_sum[name].index_add_(0, ids, grad_sq.double())
+                if self.track_group_grad and name in batch.group_grad:
+                    self.group_grad[name] += batch.group_grad[name].to(self.group_grad[name].dtype)
+            self.group_count += counts
+            self.last_grad_sq = last_grad_sq
+        for name, (count, mean, m2) in moments.items():
+            self.act_count[name], self.act_mean[name], self._act_m2[name] = merge_group_moments(
+                self.act_count[name], self.act_mean[name], self._act_m2[name],
+                count.to(self.act_count[name].device), mean, m2,
+            )
+        if last_act:
+            self.last_act = last_act
+
+
+def _prepare_input(module: nn.Module, x: torch.Tensor):
+    """Input and numeric (stride, padding, dilation, groups) of a conv call, explicit padding applied."""
+    spatial = module.weight.dim() - 2
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding: Tuple[int, ...] = (0,) * spatial
+    elif module.padding == "valid":
+        padding = (0,) * spatial
+    elif module.padding == "same":
+        # torch pads 'same' with the extra element on the right/bottom.
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        pads = []
+        for total in reversed(totals):
+            pads += [total // 2, total - total // 2]
+        if any(t % 2 for t in totals):
+            x = F.pad(x, pads)
+            padding = (0,) * spatial
+        else:
+            padding = tuple(t // 2 for t in totals)
+    else:
+        padding = tuple(module.padding)
+    return x, (tuple(module.stride), padding, tuple(module.dilation), module.groups)
+
+
+def _conv_per_sample_grad(module, x, grad_out, conv_args) -> torch.Tensor:
+    stride, padding, dilation, groups = conv_args
+    if module.weight.dim() == 3:
+        x, grad_out = x.unsqueeze(2), grad_out.unsqueeze(2)
+        kernel = (1,) + tuple(module.kernel_size)
+        stride, padding, dilation = (1,) + stride, (0,) + padding, (1,) + dilation
+    else:
+        kernel = tuple(module.kernel_size)
+    per_sample = conv2d_per_sample_grad(x, grad_out, kernel, stride, padding, dilation, groups)
+    return per_sample.reshape((x.shape[0],) + tuple(module.weight.shape))
+
+
+def _plain_weight_grad(module, x, grad_out, conv_args) -> torch.Tensor:
+    if conv_args is None:
+        g, xx = as_tokens(grad_out, "grad_out"), as_tokens(x, "x")
+        return g.flatten(0, 1).t().matmul(xx.flatten(0, 1).to(g.dtype))
+    stride, padding, dilation, groups = conv_args
+    w = module.weight
+    _, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_out, x.to(grad_out.dtype), w.to(grad_out.dtype), None, list(stride), list(padding), list(dilation),
+        False, [0] * (w.dim() - 2), groups, [False, True, False],
+    )
+    return grad_w

@@ -1,0 +1,134 @@
+"""Per-sample, per-neuron gradient statistics of a linear layer.
+
+For ``y = x @ W.T`` with x ``[B, *, D]`` and the gradient ``grad_out = dL/dy`` ``[B, *, C]``,
+sample n's weight gradient is ``G_n^T X_n`` (``[C, D]``, summed over its positions). The op
+returns
+
+* ``grad_sq [B, C]``: ``||(G_n^T X_n)[c]||^2``, the squared norm of each neuron's row;
+* ``group_grad [G, C, D]``: the per-sample gradients summed within each group, so that
+  ``group_grad.sum(0)`` is the weight gradient.
+
+Backends: ``torch`` (the reference below; materialises per-sample gradients) and ``cpp``
+(``csrc/grad_stats.cpp``; memory O(B*C + G*C*D)).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from einops import einsum
+
+from spurfast._extension import require_extension
+from spurfast.ops._common import (
+    acc_dtype,
+    check_finite,
+    check_floating,
+    check_group_ids,
+    check_method,
+    choose_method,
+    reduce_per_sample_grad,
+    resolve_backend,
+)
+from spurfast.ops._library import lib, register_fake
+
+lib.define(
+    "linear_grad_stats(Tensor x, Tensor grad_out, Tensor group_ids, int num_groups, str method)"
+    " -> (Tensor, Tensor)"
+)
+
+
+def _linear_grad_stats_cpu(x, grad_out, group_ids, num_groups, method):
+    grad_sq, group_grad = require_extension("cpp").linear_grad_stats(x, grad_out, group_ids, num_groups, method)
+    return grad_sq, group_grad
+
+
+lib.impl("linear_grad_stats", _linear_grad_stats_cpu, "CPU")
+
+
+@register_fake("spurfast::linear_grad_stats")
+def _linear_grad_stats_fake(x, grad_out, group_ids, num_groups, method):
+    batch, out_features, in_features = x.shape[0], grad_out.shape[2], x.shape[2]
+    dtype = acc_dtype(x.dtype)
+    return (
+        x.new_empty((batch, out_features), dtype=dtype),
+        x.new_empty((num_groups, out_features, in_features), dtype=dtype),
+    )
+
+
+def linear_per_sample_grad(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """Every sample's weight gradient ``[B, C, D]`` from x ``[B, T, D]`` and grad_out ``[B, T, C]``."""
+    dtype = acc_dtype(x.dtype)
+    return einsum(grad_out.to(dtype), x.to(dtype), "b t c, b t d -> b c d")
+
+
+def linear_grad_stats_reference(
+    x: torch.Tensor, grad_out: torch.Tensor, group_ids: torch.Tensor, num_groups: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch definition: form every per-sample gradient, then reduce.
+
+    x: ``[B, T, D]``, grad_out: ``[B, T, C]``, group_ids: ``[B]`` int64.
+    """
+    per_sample_grad = linear_per_sample_grad(x, grad_out)  # [B, C, D]
+    return reduce_per_sample_grad(per_sample_grad, group_ids, num_groups)
+
+
+def as_tokens(t: torch.Tensor, name: str) -> torch.Tensor:
+    """View ``[B, D]`` or ``[B, *, D]`` as ``[B, T, D]``."""
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have shape [B, D] or [B, ..., D], got {list(t.shape)}")
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def linear_grad_stats(
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    group_ids: torch.Tensor,
+    num_groups: int,
+    *,
+    backend: str = "auto",
+    method: str = "auto",
+    check_inputs: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample squared row norms and per-group sums of a linear layer's weight gradient.
+
+    Args:
+        x: layer input ``[B, D]`` or ``[B, ..., D]`` (positions are summed, as autograd does).
+        grad_out: gradient w.r.t. the layer output, ``[B, C]`` or ``[B, ..., C]``.
+        group_ids: ``[B]`` integer group of each sample, in ``[0, num_groups)``.
+        num_groups: number of groups G.
+        backend: ``"auto"``, ``"torch"`` or ``"cpp"``.
+        method: ``"auto"`` (cost model), ``"direct"`` (per-sample products, chunked) or
+            ``"gram"`` (``g^T (X X^T) g``); ignored by the torch backend.
+        check_inputs: also check that x and grad_out are finite.
+
+    Returns:
+        ``grad_sq [B, C]`` and ``group_grad [G, C, D]``, float32 (float64 for float64 input).
+
+    Example::
+
+        >>> import torch, spurfast
+        >>> x, g = torch.randn(8, 5), torch.randn(8, 3)
+        >>> grad_sq, group_grad = spurfast.ops.linear_grad_stats(x, g, torch.arange(8) % 2, 2)
+        >>> torch.allclose(group_grad.sum(0), g.T @ x, atol=1e-5)
+        True
+    """
+    check_floating(x, "x")
+    check_floating(grad_out, "grad_out")
+    x3, g3 = as_tokens(x, "x"), as_tokens(grad_out, "grad_out")
+    if x3.shape[:2] != g3.shape[:2] or x.shape[:-1] != grad_out.shape[:-1]:
+        raise ValueError(
+            f"x [B, ..., D] and grad_out [B, ..., C] must share leading dims, got {list(x.shape)} and {list(grad_out.shape)}"
+        )
+    if x.device != grad_out.device:
+        raise ValueError(f"x is on {x.device} but grad_out is on {grad_out.device}")
+    group_ids = check_group_ids(group_ids, x3.shape[0], num_groups).to(x.device)
+    check_method(method)
+    if check_inputs:
+        check_finite(x, "x")
+        check_finite(grad_out, "grad_out")
+    backend = resolve_backend(backend, x.device)
+    if backend == "torch":
+        return linear_grad_stats_reference(x3, g3, group_ids, num_groups)
+    if method == "auto":
+        method = choose_method(x3.shape[1], g3.shape[2], x3.shape[2])
+    return torch.ops.spurfast.linear_grad_stats(x3, g3, group_ids, num_groups, method)

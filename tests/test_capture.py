@@ -1,0 +1,399 @@
+"""NeuronStats against torch.func per-sample gradients, on real models and losses."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+import spurfast as sf
+
+from _helpers import TOL, rel_err
+
+BACKENDS = ["torch", "cpp"]
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 10), nn.Tanh(), nn.Linear(10, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class CNN(nn.Module):
+    """Strided, padded, dilated, grouped, depthwise, 'same' and reflect-padded convs, BN (eval)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm2d(8)
+        self.c3 = nn.Conv2d(8, 6, (2, 3), stride=(2, 1), padding=1, padding_mode="reflect")
+        self.c4 = nn.Conv2d(6, 6, 4, padding="same")  # even kernel: asymmetric padding
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.relu(self.c2(x))
+        x = F.relu(self.bn(self.dw(x)))
+        x = F.relu(self.c4(F.relu(self.c3(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 5, stride=2, padding=2)
+        self.c2 = nn.Conv1d(6, 6, 3, padding="same", dilation=2, groups=3)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).mean(-1))
+
+
+class TokenNet(nn.Module):
+    """Linear layers on [B, T, D] inputs (positions summed in the per-sample gradient)."""
+
+    def __init__(self, d=10, hidden=24):
+        super().__init__()
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head((x + self.down(F.gelu(self.up(x)))).mean(1))
+
+
+class SharedLinear(nn.Module):
+    """One Linear called twice in a forward, and one conv called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.lin = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        x = self.conv(F.relu(self.conv(x)))
+        h = x.mean((2, 3))
+        return self.head(self.lin(torch.tanh(self.lin(h))))
+
+
+def _inputs(name, batch):
+    return {
+        "mlp": (MLP, (batch, 12), 4),
+        "cnn": (CNN, (batch, 3, 12, 12), 4),
+        "conv1d": (Conv1dNet, (batch, 4, 21), 3),
+        "tokens": (TokenNet, (batch, 5, 10), 3),
+        "tokens_long": (lambda: TokenNet(d=4, hidden=6), (batch, 40, 4), 3),
+        "shared": (SharedLinear, (batch, 3, 6, 6), 2),
+    }[name]
+
+
+def _per_sample_grads(model, x, y):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def loss_fn(p, xn, yn):
+        out = functional_call(model, (p, buffers), (xn.unsqueeze(0),))
+        return F.cross_entropy(out, yn.unsqueeze(0))
+
+    return vmap(grad(loss_fn), in_dims=(None, 0, 0))(params, x, y)
+
+
+def _setup(name, batch=7, seed=0):
+    torch.manual_seed(seed)
+    factory, shape, classes = _inputs(name, batch)
+    model = factory().double().eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    y = torch.randint(0, classes, (batch,))
+    return model, x, y
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "tokens", "tokens_long", "shared"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_statistics_match_torch_func(name, backend, reduction, has_ext):
+    model, x, y = _setup(name)
+    num_groups = 5
+    group_ids = torch.tensor([0, 2, 2, 4, 0, 2, 4])  # groups 1 and 3 are empty in this batch
+    per_sample = _per_sample_grads(model, x, y)
+    plain = copy.deepcopy(model)
+    F.cross_entropy(plain(x), y, reduction=reduction).backward()
+
+    stats = sf.NeuronStats(model, num_groups=num_groups, loss_reduction=reduction, backend=backend)
+    with stats.record(group_ids):
+        F.cross_entropy(model(x), y, reduction=reduction).backward()
+
+    assert stats.group_count.tolist() == [2, 0, 3, 0, 2]
+    modules = dict(model.named_modules())
+    for layer in stats.layer_names:
+        psg = per_sample[f"{layer}.weight"]  # [B, *W.shape]
+        want_sq = psg.flatten(2).square().sum(-1)
+        assert rel_err(stats.last_grad_sq[layer], want_sq) < TOL[torch.float32]  # kept as float32
+        want_gg = torch.stack([psg[group_ids == g].sum(0) for g in range(num_groups)])
+        assert rel_err(stats.group_grad[layer], want_gg) < TOL[torch.float32]
+        want_sum = torch.stack([want_sq[group_ids == g].sum(0) for g in range(num_groups)])
+        assert rel_err(stats.grad_sq_sum[layer], want_sum) < TOL[torch.float32]
+        w = modules[layer].weight
+        assert rel_err(w.grad, dict(plain.named_parameters())[f"{layer}.weight"].grad) < TOL[torch.float64]
+    for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+        assert rel_err(p.grad, q.grad) < TOL[torch.float64], n
+
+
+def test_layer_selection_and_names():
+    model = CNN()
+    stats = sf.NeuronStats(model, num_groups=2)
+    assert stats.layer_names == ["c1", "c2", "dw", "c3", "c4", "fc"]
+    model.c2.weight.requires_grad_(False)
+    assert "c2" not in sf.NeuronStats(model, num_groups=2).layer_names
+    only = sf.NeuronStats(model, num_groups=2, layers=["fc", model.c1])
+    assert only.layer_names == ["c1", "fc"]
+    mha = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "proj": nn.Linear(8, 8)})
+    assert sf.NeuronStats(mha, num_groups=1).layer_names == ["proj"]
+
+
+def test_activation_statistics_across_batches(has_ext):
+    model, _, _ = _setup("cnn")
+    stats = sf.NeuronStats(model, num_groups=3)
+    acts = {n: [] for n in stats.layer_names}
+    ids_all = []
+    modules = dict(model.named_modules())
+    captured = {}
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, o.detach())) for n in stats.layer_names]
+    for seed in range(3):
+        torch.manual_seed(10 + seed)
+        x = torch.randn(5, 3, 12, 12, dtype=torch.float64)
+        ids = torch.randint(0, 3, (5,))
+        with stats.record(ids):
+            F.cross_entropy(model(x), torch.randint(0, 4, (5,))).backward()
+        ids_all.append(ids)
+        for n in stats.layer_names:
+            out = captured[n]
+            per_sample = out.mean((2, 3)) if out.dim() == 4 else out
+            assert rel_err(stats.last_act[n], per_sample) < TOL[torch.float32]
+            acts[n].append(per_sample)
+    for h in hooks:
+        h.remove()
+    ids = torch.cat(ids_all)
+    for n in stats.layer_names:
+        a = torch.cat(acts[n])
+        for g in range(3):
+            rows = a[ids == g]
+            assert stats.act_count[n][g] == rows.shape[0]
+            if rows.shape[0]:
+                assert rel_err(stats.act_mean[n][g], rows.mean(0)) < 1e-6
+                assert rel_err(stats.act_var[n][g], rows.var(0, unbiased=False)) < 1e-5
+
+
+def test_batchnorm_train_mode_contributions_sum_to_weight_grad(has_ext):
+    """BN in train mode couples samples: a sample's term is x_n against its grad_out_n."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 25, 3))
+    model = model.double().train()
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    ids = torch.tensor([0, 1, 0, 1, 1, 1, 0, 1])
+    seen = {}
+    model[0].register_forward_hook(lambda m, i, o: seen.__setitem__("x", i[0].detach()))
+    model[0].register_full_backward_hook(lambda m, gi, go: seen.__setitem__("g", go[0].detach()))
+    stats = sf.NeuronStats(model, num_groups=2, loss_reduction="mean")
+    with stats.record(ids):
+        F.cross_entropy(model(x), y).backward()
+    contributions = torch.stack([
+        torch.nn.grad.conv2d_weight(seen["x"][n:n + 1], model[0].weight.shape, seen["g"][n:n + 1], padding=1)
+        for n in range(8)
+    ]) * 8  # per-sample scale of a mean loss
+    want_sq = contributions.flatten(2).square().sum(-1)
+    assert rel_err(stats.last_grad_sq["0"], want_sq) < TOL[torch.float32]
+    assert rel_err(stats.group_grad["0"].sum(0) / 8, model[0].weight.grad) < TOL[torch.float32]
+
+
+def test_grad_identical_to_plain_and_model_restored(has_ext):
+    model, x, y = _setup("cnn")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out_before = model(x)
+    stats = sf.NeuronStats(model, num_groups=2)
+    with stats.record(torch.zeros(7, dtype=torch.long)):
+        F.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    for n, p in model.named_parameters():
+        assert rel_err(grads[n], p.grad) < TOL[torch.float64], n
+        assert torch.equal(p.detach(), before[n])
+    stats.remove()
+    for m in model.modules():
+        assert "forward" not in vars(m)
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    assert torch.equal(model(x), out_before)
+    with pytest.raises(RuntimeError, match="removed"):
+        with stats.record(torch.zeros(7, dtype=torch.long)):
+            pass
+
+
+def test_exception_inside_record_restores_model_and_keeps_state(has_ext):
+    model, x, y = _setup("mlp")
+    stats = sf.NeuronStats(model, num_groups=2)
+    with stats.record(torch.zeros(7, dtype=torch.long)):
+        F.cross_entropy(model(x), y).backward()
+    snapshot = stats.state_dict()
+    with pytest.raises(KeyError):
+        with stats.record(torch.ones(7, dtype=torch.long)):
+            F.cross_entropy(model(x), y).backward()
+            raise KeyError("user error")
+    assert all("forward" not in vars(m) for m in model.modules())
+    for k, v in stats.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, snapshot[k]), k
+
+
+def test_non_finite_batch_is_rejected_and_state_kept(has_ext):
+    model, x, y = _setup("mlp")
+    stats = sf.NeuronStats(model, num_groups=2)
+    with stats.record(torch.zeros(7, dtype=torch.long)):
+        F.cross_entropy(model(x), y).backward()
+    snapshot = stats.state_dict()
+    x_bad = x.clone()
+    x_bad[2, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="net.0"):
+        with stats.record(torch.ones(7, dtype=torch.long)):
+            F.cross_entropy(model(x_bad), y).backward()
+    for k, v in stats.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, snapshot[k]), k
+
+
+def test_layer_called_again_after_its_backward_raises(has_ext):
+    model, x, y = _setup("mlp")
+    stats = sf.NeuronStats(model, num_groups=1)
+    with pytest.raises(RuntimeError, match="called again after its backward"):
+        with stats.record(torch.zeros(7, dtype=torch.long)):
+            F.cross_entropy(model(x), y).backward()
+            model(x)
+
+
+def test_unused_layer_has_zero_gradient_statistics(has_ext):
+    model, x, y = _setup("mlp")
+    extra = nn.Linear(12, 2).double()
+    wrapper = nn.ModuleDict({"main": model, "aux": extra})
+    stats = sf.NeuronStats(wrapper, num_groups=2)
+    with stats.record(torch.arange(7) % 2):
+        extra(x)  # called, but not part of the loss
+        F.cross_entropy(model(x), y).backward()
+    assert torch.equal(stats.last_grad_sq["aux"], torch.zeros(7, 2))
+    assert stats.last_grad_sq["main.net.0"].abs().sum() > 0
+
+
+def test_forward_only_record_updates_activations_only(has_ext):
+    model, x, _ = _setup("mlp")
+    stats = sf.NeuronStats(model, num_groups=2)
+    with torch.no_grad(), stats.record(torch.arange(7) % 2):
+        model(x)
+    assert stats.group_count.sum() == 0
+    assert stats.act_count["net.0"].tolist() == [4, 3]
+
+
+def test_state_dict_round_trip_and_mismatch(has_ext):
+    model, x, y = _setup("cnn")
+    stats = sf.NeuronStats(model, num_groups=3)
+    for seed in range(2):
+        torch.manual_seed(seed)
+        with stats.record(torch.randint(0, 3, (7,))):
+            F.cross_entropy(model(x), y).backward()
+    sd = stats.state_dict()
+    other = sf.NeuronStats(model, num_groups=3)
+    other.load_state_dict(sd)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, sd[k]) if isinstance(v, torch.Tensor) else v == sd[k]
+    other.reset()
+    assert other.group_count.sum() == 0 and other.grad_sq_sum["c1"].abs().sum() == 0
+    with pytest.raises(ValueError, match="num_groups=3"):
+        sf.NeuronStats(model, num_groups=2).load_state_dict(sd)
+    broken = dict(sd)
+    broken["group_grad.c1"] = torch.zeros(3, 1)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match="group_grad.c1 has shape"):
+        other.load_state_dict(broken)
+    for k, v in other.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, before[k])
+
+
+def test_bad_inputs_raise_clear_errors():
+    model, x, y = _setup("mlp")
+    stats = sf.NeuronStats(model, num_groups=2)
+    with pytest.raises(ValueError, match=r"group_ids must lie in \[0, num_groups=2\)"):
+        with stats.record(torch.tensor([0, 1, 2, 0, 0, 0, 0])):
+            pass
+    with pytest.raises(ValueError, match="7 samples in dim 0, but record\\(\\) was given 3"):
+        with stats.record(torch.tensor([0, 1, 0])):
+            model(x)
+    assert all("forward" not in vars(m) for m in model.modules())
+    with pytest.raises(RuntimeError, match="cannot be nested"):
+        with stats.record(torch.zeros(7, dtype=torch.long)):
+            with stats.record(torch.zeros(7, dtype=torch.long)):
+                pass
+    with pytest.raises(TypeError, match="Conv3d.*not supported"):
+        sf.NeuronStats(nn.Sequential(nn.Conv3d(1, 2, 1)), num_groups=1, layers=["0"])
+    with pytest.raises(ValueError, match="no layer to track"):
+        sf.NeuronStats(nn.Sequential(nn.Embedding(3, 4)), num_groups=1)
+    frozen = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    frozen[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        sf.NeuronStats(frozen, num_groups=1, layers=["0"])
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match="shares its weight"):
+        sf.NeuronStats(tied, num_groups=1)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        sf.NeuronStats(model, num_groups=1, loss_reduction="none")
+    with pytest.raises(ValueError, match="not a submodule"):
+        sf.NeuronStats(model, num_groups=1, layers=["nope"])
+
+
+def test_backward_after_record_warns_and_keeps_grad(has_ext):
+    model, x, y = _setup("mlp")
+    plain = copy.deepcopy(model)
+    F.cross_entropy(plain(x), y).backward()
+    stats = sf.NeuronStats(model, num_groups=1)
+    with stats.record(torch.zeros(7, dtype=torch.long)):
+        loss = F.cross_entropy(model(x), y)
+    with pytest.warns(RuntimeWarning, match="after its record"):
+        import spurfast._extension as ext
+
+        ext._warned.discard("backward-after-record")
+        loss.backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert rel_err(p.grad, q.grad) < TOL[torch.float64]
+
+
+def test_float32_model_statistics(has_ext):
+    model, x, y = _setup("cnn")
+    per_sample = _per_sample_grads(model, x, y)
+    model = model.float()
+    stats = sf.NeuronStats(model, num_groups=2)
+    with stats.record(torch.arange(7) % 2):
+        F.cross_entropy(model(x.float()), y).backward()
+    for layer in stats.layer_names:
+        want = per_sample[f"{layer}.weight"].flatten(2).square().sum(-1)
+        assert rel_err(stats.last_grad_sq[layer], want) < 1e-4  # float32 forward/backward vs float64
+
+
+@pytest.mark.gpu
+def test_record_on_cuda_matches_cpu():
+    model, x, y = _setup("cnn")
+    ids = torch.arange(7) % 3
+    cpu = sf.NeuronStats(model, num_groups=3, backend="torch")
+    with cpu.record(ids):
+        F.cross_entropy(model(x), y).backward()
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu = sf.NeuronStats(gpu_model, num_groups=3)
+    with gpu.record(ids.cuda()):
+        F.cross_entropy(gpu_model(x.cuda()), y.cuda()).backward()
+    for n in cpu.layer_names:
+        assert rel_err(gpu.last_grad_sq[n].cpu(), cpu.last_grad_sq[n]) < 1e-6

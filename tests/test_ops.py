@@ -1,0 +1,289 @@
+"""Op level: cpp kernels vs plain-torch references vs torch.func per-sample gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.func import grad, vmap
+
+import spurfast
+from spurfast.ops import (
+    activation_stats,
+    activation_stats_reference,
+    conv_grad_stats,
+    conv_grad_stats_reference,
+    linear_grad_stats,
+    linear_grad_stats_reference,
+    merge_group_moments,
+)
+from spurfast.ops._common import choose_method
+
+from _helpers import TOL, rel_err
+
+
+def _func_linear(x, grad_out):
+    """Per-sample dW via torch.func: d/dW <g_n, x_n W^T> for each sample."""
+
+    def inner(w, xn, gn):
+        return (gn * (xn @ w.T)).sum()
+
+    w = torch.zeros(grad_out.shape[-1], x.shape[-1], dtype=x.dtype)
+    return vmap(grad(inner), in_dims=(None, 0, 0))(w, x, grad_out)
+
+
+def _func_conv(x, grad_out, weight_shape, stride, padding, dilation, groups):
+    conv = F.conv1d if len(weight_shape) == 3 else F.conv2d
+
+    def inner(w, xn, gn):
+        return (gn * conv(xn.unsqueeze(0), w, None, stride, padding, dilation, groups)[0]).sum()
+
+    w = torch.zeros(weight_shape, dtype=x.dtype)
+    return vmap(grad(inner), in_dims=(None, 0, 0))(w, x, grad_out)
+
+
+def _expected(per_sample, group_ids, num_groups):
+    grad_sq = per_sample.flatten(2).square().sum(-1)
+    group_grad = torch.stack([per_sample[group_ids == g].sum(0) for g in range(num_groups)])
+    return grad_sq, group_grad
+
+
+LINEAR_SHAPES = [  # (B, T, D, C): T=None means a [B, D] input
+    (7, None, 13, 5),
+    (6, 1, 4, 9),
+    (5, 3, 11, 6),
+    (4, 17, 6, 3),
+    (3, 2, 40, 33),
+]
+
+
+@pytest.mark.parametrize("shape", LINEAR_SHAPES)
+@pytest.mark.parametrize("method", ["direct", "gram"])
+def test_linear_matches_torch_func(shape, method, has_ext):
+    b, t, d, c = shape
+    torch.manual_seed(0)
+    x = torch.randn((b, d) if t is None else (b, t, d), dtype=torch.float64)
+    g = torch.randn(x.shape[:-1] + (c,), dtype=torch.float64)
+    group_ids = torch.tensor([0, 2, 2, 4, 0, 2, 4][:b])  # groups 1 and 3 empty
+    per_sample = _func_linear(x, g)
+    want_sq, want_gg = _expected(per_sample, group_ids, 5)
+    for backend in ("torch", "cpp"):
+        grad_sq, group_grad = linear_grad_stats(x, g, group_ids, 5, backend=backend, method=method)
+        assert grad_sq.shape == (b, c) and group_grad.shape == (5, c, d)
+        assert grad_sq.dtype == torch.float64
+        assert rel_err(grad_sq, want_sq) < TOL[torch.float64]
+        assert rel_err(group_grad, want_gg) < TOL[torch.float64]
+        assert group_grad[1].abs().max() == 0 and group_grad[3].abs().max() == 0
+
+
+CONV_CASES = [  # (in_ch, out_ch, spatial, kernel, stride, padding, dilation, groups)
+    (3, 4, (9, 9), (3, 3), 1, 1, 1, 1),
+    (4, 6, (10, 11), (3, 2), (2, 1), (1, 0), 1, 2),
+    (4, 4, (12, 12), (3, 3), 1, 2, 2, 4),  # depthwise, dilated
+    (2, 6, (7, 7), (1, 1), 2, 0, 1, 1),
+    (6, 3, (5, 5), (5, 5), 1, 2, 1, 3),
+    (3, 5, (20,), (5,), 2, 2, 1, 1),  # Conv1d
+    (4, 4, (16,), (3,), 1, 2, 2, 2),  # Conv1d, dilated, grouped
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("method", ["direct", "gram"])
+def test_conv_matches_torch_func(case, method, has_ext):
+    cin, cout, spatial, kernel, stride, padding, dilation, groups = case
+    torch.manual_seed(1)
+    b = 5
+    weight_shape = (cout, cin // groups) + kernel
+    x = torch.randn((b, cin) + spatial, dtype=torch.float64)
+    conv = F.conv1d if len(spatial) == 1 else F.conv2d
+    out = conv(x, torch.zeros(weight_shape, dtype=torch.float64), None, stride, padding, dilation, groups)
+    g = torch.randn_like(out)
+    group_ids = torch.tensor([1, 0, 1, 1, 2])
+    want_sq, want_gg = _expected(_func_conv(x, g, weight_shape, stride, padding, dilation, groups), group_ids, 3)
+    for backend in ("torch", "cpp"):
+        grad_sq, group_grad = conv_grad_stats(
+            x, g, weight_shape, stride, padding, dilation, groups, group_ids, 3, backend=backend, method=method
+        )
+        assert group_grad.shape == (3,) + weight_shape
+        assert rel_err(grad_sq, want_sq) < TOL[torch.float64]
+        assert rel_err(group_grad, want_gg) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_inputs_accumulate_in_float32(dtype, has_ext):
+    torch.manual_seed(2)
+    x = torch.randn(6, 5, 24).to(dtype)
+    g = torch.randn(6, 5, 16).to(dtype)
+    ids = torch.tensor([0, 1, 0, 1, 1, 0])
+    want_sq, want_gg = linear_grad_stats_reference(x.double(), g.double(), ids, 2)
+    for method in ("direct", "gram"):
+        grad_sq, group_grad = linear_grad_stats(x, g, ids, 2, backend="cpp", method=method)
+        assert grad_sq.dtype == torch.float32 and group_grad.dtype == torch.float32
+        assert rel_err(grad_sq, want_sq) < TOL[dtype]
+        assert rel_err(group_grad, want_gg) < TOL[dtype]
+    xc = torch.randn(4, 3, 8, 8).to(dtype)
+    gc = torch.randn(4, 6, 8, 8).to(dtype)
+    want_sq, want_gg = conv_grad_stats_reference(xc.double(), gc.double(), (6, 3, 3, 3), 1, 1, 1, 1, ids[:4], 2)
+    grad_sq, group_grad = conv_grad_stats(xc, gc, (6, 3, 3, 3), 1, 1, 1, 1, ids[:4], 2, backend="cpp")
+    assert rel_err(grad_sq, want_sq) < TOL[dtype] and rel_err(group_grad, want_gg) < TOL[dtype]
+
+
+def test_group_grad_sums_to_weight_grad(has_ext):
+    torch.manual_seed(3)
+    layer = torch.nn.Conv2d(3, 5, 3, stride=2, padding=1).double()
+    x = torch.randn(6, 3, 9, 9, dtype=torch.float64)
+    out = layer(x)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ids = torch.tensor([3, 0, 0, 3, 1, 1])
+    _, group_grad = conv_grad_stats(x, g, layer.weight.shape, 2, 1, 1, 1, ids, 4, backend="cpp")
+    assert rel_err(group_grad.sum(0), layer.weight.grad) < TOL[torch.float64]
+
+
+def test_cost_model_picks_gram_for_few_tokens_and_direct_for_many():
+    assert choose_method(1, 512, 512) == "direct"
+    assert choose_method(4, 768, 768) == "gram"
+    assert choose_method(16, 512, 4608) == "gram"  # late ResNet stage on 32x32 inputs
+    assert choose_method(1024, 64, 576) == "direct"  # first ResNet stage
+    assert choose_method(197, 384, 384) == "direct"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_activation_stats_matches_reference(channels_last, has_ext):
+    torch.manual_seed(4)
+    y = torch.randn(9, 6, 5, dtype=torch.float64)  # [B, C, P] or [B, P=6, C=5]
+    ids = torch.tensor([0, 2, 2, 0, 0, 2, 2, 2, 0])
+    got = activation_stats(y, ids, 4, channel_dim=-1 if channels_last else 1, backend="cpp")
+    want = activation_stats_reference(y, ids, 4, channels_last)
+    act = y.mean(1) if channels_last else y.mean(2)
+    assert torch.allclose(got[0], act) and torch.allclose(want[0], act)
+    assert got[1].tolist() == [4, 0, 5, 0]
+    for a, b in zip(got[1:], want[1:]):
+        assert torch.allclose(a.double(), b.double())
+    for gid in (0, 2):
+        rows = act[ids == gid]
+        assert torch.allclose(got[2][gid], rows.mean(0))
+        assert torch.allclose(got[3][gid], ((rows - rows.mean(0)) ** 2).sum(0))
+
+
+def test_merge_group_moments_equals_one_pass():
+    torch.manual_seed(5)
+    acts = torch.randn(30, 4, dtype=torch.float64) * 3 + 1
+    ids = torch.randint(0, 3, (30,))
+    ids[:3] = torch.tensor([0, 1, 2])
+    state = activation_stats_reference(acts[:0].unsqueeze(-1), ids[:0], 3, False)[1:]
+    for lo, hi in ((0, 7), (7, 8), (8, 30)):
+        _, count, mean, m2 = activation_stats_reference(acts[lo:hi].unsqueeze(-1), ids[lo:hi], 3, False)
+        state = merge_group_moments(*state, count, mean, m2)
+    count, mean, m2 = state
+    for g in range(3):
+        rows = acts[ids == g]
+        assert count[g] == rows.shape[0]
+        assert torch.allclose(mean[g], rows.mean(0))
+        assert torch.allclose(m2[g] / count[g], rows.var(0, unbiased=False))
+
+
+# ---------------------------------------------------------------- property tests
+
+
+@given(
+    b=st.integers(1, 6), t=st.integers(1, 5), d=st.integers(1, 9), c=st.integers(1, 7),
+    num_groups=st.integers(1, 4), method=st.sampled_from(["direct", "gram"]), seed=st.integers(0, 2**16),
+)
+def test_property_linear_cpp_equals_torch(b, t, d, c, num_groups, method, seed):
+    if spurfast._extension.load_extension() is None:
+        pytest.skip("compiled extension not built")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, d, generator=gen, dtype=torch.float64)
+    g = torch.randn(b, t, c, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, num_groups, (b,), generator=gen)
+    got = linear_grad_stats(x, g, ids, num_groups, backend="cpp", method=method)
+    want = linear_grad_stats(x, g, ids, num_groups, backend="torch")
+    for a, w in zip(got, want):
+        assert rel_err(a, w) < TOL[torch.float64]
+
+
+@given(
+    b=st.integers(1, 4), groups=st.integers(1, 3), cin_per=st.integers(1, 3), cout_per=st.integers(1, 3),
+    h=st.integers(3, 9), w=st.integers(3, 9), kh=st.integers(1, 3), kw=st.integers(1, 3),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)), method=st.sampled_from(["direct", "gram"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_conv_cpp_equals_torch(b, groups, cin_per, cout_per, h, w, kh, kw, stride, padding, dilation, method, seed):
+    if spurfast._extension.load_extension() is None:
+        pytest.skip("compiled extension not built")
+    if h + 2 * padding[0] < dilation[0] * (kh - 1) + 1 or w + 2 * padding[1] < dilation[1] * (kw - 1) + 1:
+        return  # no output position
+    gen = torch.Generator().manual_seed(seed)
+    weight_shape = (cout_per * groups, cin_per, kh, kw)
+    x = torch.randn(b, cin_per * groups, h, w, generator=gen, dtype=torch.float64)
+    out = F.conv2d(x, torch.zeros(weight_shape, dtype=torch.float64), None, stride, padding, dilation, groups)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, 3, (b,), generator=gen)
+    got = conv_grad_stats(x, g, weight_shape, stride, padding, dilation, groups, ids, 3, backend="cpp", method=method)
+    want = conv_grad_stats(x, g, weight_shape, stride, padding, dilation, groups, ids, 3, backend="torch")
+    for a, w_ in zip(got, want):
+        assert rel_err(a, w_) < TOL[torch.float64]
+
+
+# ---------------------------------------------------------------- custom-op registration
+
+
+def test_opcheck(has_ext):
+    torch.manual_seed(6)
+    ids = torch.tensor([0, 1, 1, 0])
+    x, g = torch.randn(4, 3, 5), torch.randn(4, 3, 6)
+    for method in ("direct", "gram"):
+        torch.library.opcheck(torch.ops.spurfast.linear_grad_stats.default, (x, g, ids, 2, method))
+    xc, gc = torch.randn(4, 2, 6, 6), torch.randn(4, 4, 3, 3)
+    for method in ("direct", "gram"):
+        torch.library.opcheck(
+            torch.ops.spurfast.conv2d_grad_stats.default, (xc, gc, [3, 3], [2, 2], [1, 1], [1, 1], 2, ids, 2, method)
+        )
+    torch.library.opcheck(torch.ops.spurfast.activation_stats.default, (torch.randn(4, 3, 7), ids, 2, False))
+    torch.library.opcheck(torch.ops.spurfast.activation_stats.default, (torch.randn(4, 7, 3), ids, 2, True))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, g = torch.randn(4, 5), torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"group_ids must lie in \[0, num_groups=2\)"):
+        linear_grad_stats(x, g, torch.tensor([0, 1, 2, 0]), 2, backend="torch")
+    with pytest.raises(ValueError, match="group_ids must have shape \\[4\\]"):
+        linear_grad_stats(x, g, torch.tensor([0, 1]), 2)
+    with pytest.raises(TypeError, match="group_ids must be an integer tensor"):
+        linear_grad_stats(x, g, torch.zeros(4), 2)
+    with pytest.raises(ValueError, match="share leading dims"):
+        linear_grad_stats(x, torch.randn(3, 3), torch.zeros(4, dtype=torch.long), 1)
+    with pytest.raises(FloatingPointError, match="grad_out contains NaN"):
+        linear_grad_stats(x, torch.full((4, 3), float("nan")), torch.zeros(4, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        linear_grad_stats(x, g, torch.zeros(4, dtype=torch.long), 1, backend="cuda-magic")
+    with pytest.raises(ValueError, match="method must be one of"):
+        linear_grad_stats(x, g, torch.zeros(4, dtype=torch.long), 1, method="fast")
+    with pytest.raises(ValueError, match="num_groups must be a positive int"):
+        linear_grad_stats(x, g, torch.zeros(4, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        conv_grad_stats(torch.randn(2, 3, 5, 5), torch.randn(2, 4, 3, 3), (4, 2, 3, 3), 1, 0, 1, 1, torch.zeros(2, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="output positions"):
+        conv_grad_stats(torch.randn(2, 3, 5, 5), torch.randn(2, 4, 4, 4), (4, 3, 3, 3), 1, 0, 1, 1, torch.zeros(2, dtype=torch.long), 1, backend="torch")
+    with pytest.raises(TypeError, match="x must be float16/bfloat16/float32/float64"):
+        linear_grad_stats(torch.ones(4, 5, dtype=torch.long), g, torch.zeros(4, dtype=torch.long), 1)
+
+
+def test_cpp_kernel_rejects_mismatched_output_positions(has_ext):
+    with pytest.raises(RuntimeError, match="output positions"):
+        conv_grad_stats(torch.randn(2, 3, 5, 5), torch.randn(2, 4, 4, 4), (4, 3, 3, 3), 1, 0, 1, 1, torch.zeros(2, dtype=torch.long), 1, backend="cpp")
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_match_cpu_reference():
+    torch.manual_seed(7)
+    x, g = torch.randn(8, 4, 32), torch.randn(8, 4, 16)
+    ids = torch.randint(0, 3, (8,))
+    want = linear_grad_stats_reference(x.double(), g.double(), ids, 3)
+    got = linear_grad_stats(x.cuda(), g.cuda(), ids.cuda(), 3)
+    for a, w in zip(got, want):
+        assert rel_err(a.cpu(), w) < 1e-4

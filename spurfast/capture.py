@@ -217,6 +217,8 @@ class NeuronStats:
                 if not m.weight.requires_grad:
                     raise ValueError(f"layer {n!r} has a weight with requires_grad=False; it has no gradient to measure")
                 chosen.append(n)
+        order = {n: i for i, n in enumerate(named)}
+        chosen = sorted(set(chosen), key=order.__getitem__)  # module order, whatever order was given
         if not chosen:
             raise ValueError("no layer to track: the model has no nn.Linear/nn.Conv1d/nn.Conv2d whose weight requires grad")
         owners: Dict[int, List[str]] = {}

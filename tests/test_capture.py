@@ -397,3 +397,20 @@ def test_record_on_cuda_matches_cpu():
         F.cross_entropy(gpu_model(x.cuda()), y.cuda()).backward()
     for n in cpu.layer_names:
         assert rel_err(gpu.last_grad_sq[n].cpu(), cpu.last_grad_sq[n]) < 1e-6
+
+
+@pytest.mark.parametrize("num_groups", [1, 2, 3, 4, 5])
+def test_every_group_count_with_empty_groups(num_groups, has_ext):
+    model, x, y = _setup("cnn", batch=6, seed=num_groups)
+    # Ids 0 and 2 only: for num_groups >= 2 group 1 (and any above 2) is empty in this batch.
+    group_ids = torch.tensor([0, 0, 2, 2, 0, 2]) % num_groups
+    per_sample = _per_sample_grads(model, x, y)
+    stats = sf.NeuronStats(model, num_groups=num_groups)
+    with stats.record(group_ids):
+        F.cross_entropy(model(x), y).backward()
+    assert stats.group_count.tolist() == torch.bincount(group_ids, minlength=num_groups).tolist()
+    for layer in stats.layer_names:
+        psg = per_sample[f"{layer}.weight"]
+        want = torch.stack([psg[group_ids == g].sum(0) for g in range(num_groups)])
+        assert rel_err(stats.group_grad[layer], want) < TOL[torch.float32]
+        assert rel_err(stats.last_grad_sq[layer], psg.flatten(2).square().sum(-1)) < TOL[torch.float32]

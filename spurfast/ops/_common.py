@@ -1,13 +1,15 @@
 """Helpers shared by the ops: input validation, backend choice, the path cost model."""
 from __future__ import annotations
 
-from typing import Tuple
+import importlib
+import os
+from typing import Optional, Tuple
 
 import torch
 
 from spurfast._extension import load_extension, require_extension, warn_once
 
-BACKENDS = ("auto", "torch", "cpp")
+BACKENDS = ("auto", "torch", "cpp", "triton")
 METHODS = ("auto", "direct", "gram")
 
 
@@ -16,11 +18,44 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``backend`` to a concrete backend for tensors on ``device``.
+_triton_error: Optional[BaseException] = None
+_triton_checked = False
 
-    ``auto`` picks the fastest available backend and falls back to ``torch`` with one
-    warning; naming a backend that cannot run raises with the reason.
+
+def triton_module(name: str):
+    """Import ``spurfast.ops._triton.<name>`` (and so Triton) on first use, with a clear error."""
+    global _triton_error, _triton_checked
+    try:
+        return importlib.import_module(f"spurfast.ops._triton.{name}")
+    except ImportError as exc:
+        _triton_error, _triton_checked = exc, True
+        raise RuntimeError(
+            f"spurfast backend 'triton' needs Triton >= 3.0, which could not be imported: {exc!r}. "
+            "CUDA builds of torch ship it; or use backend='torch'."
+        ) from exc
+
+
+def triton_importable() -> bool:
+    global _triton_error, _triton_checked
+    if not _triton_checked:
+        _triton_checked = True
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # any failure means the backend is unusable
+            _triton_error = exc
+    return _triton_error is None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Map ``backend`` to a concrete backend for tensors of ``dtype`` on ``device``.
+
+    ``auto`` picks the fastest available backend (``cpp`` on CPU, ``triton`` on CUDA; float64
+    always runs on ``torch``) and falls back to ``torch`` with one warning; naming a backend
+    that cannot run raises with the reason.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -31,7 +66,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
         require_extension("cpp")
         return "cpp"
+    if backend == "triton":
+        if dtype == torch.float64:
+            raise ValueError("backend='triton' takes float16/bfloat16/float32 tensors; use backend='torch' for float64")
+        if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+            )
+        if not triton_importable():
+            raise RuntimeError(f"backend='triton' needs Triton >= 3.0, which could not be imported: {_triton_error!r}")
+        return "triton"
     # auto
+    if dtype == torch.float64:
+        return "cpp" if device.type == "cpu" and load_extension() is not None else "torch"
     if device.type == "cpu":
         if load_extension() is not None:
             return "cpp"
@@ -43,12 +90,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             "falling back to the plain-torch backend, which materialises per-sample gradients.",
         )
         return "torch"
+    if device.type == "cuda" and triton_importable():
+        return "triton"
     warn_once(
         f"auto-{device.type}",
-        f"spurfast: no fused kernel for {device.type} tensors in this build; "
+        f"spurfast: no fused kernel for {device.type} tensors here (triton: {_triton_error!r}); "
         "falling back to the plain-torch backend, which materialises per-sample gradients.",
     )
     return "torch"
+
+
+def sort_by_group(group_ids: torch.Tensor, num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(order [B], seg [G+1])``: group g's samples are ``order[seg[g]:seg[g+1]]``."""
+    order = torch.sort(group_ids, stable=True).indices
+    seg = torch.zeros(num_groups + 1, dtype=torch.int64, device=group_ids.device)
+    seg[1:] = torch.cumsum(torch.bincount(group_ids, minlength=num_groups), 0)
+    return order, seg
 
 
 def check_group_ids(group_ids: torch.Tensor, batch: int, num_groups: int, name: str = "group_ids") -> torch.Tensor:
@@ -80,20 +137,23 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         raise FloatingPointError(f"{name} contains NaN or Inf")
 
 
-def choose_method(tokens: int, out_features: int, in_features: int) -> str:
+def choose_method(tokens: int, out_features: int, in_features: int, backend: str = "cpp") -> str:
     """Pick the cheaper way to get ``grad_sq`` for one (sample, layer) of shape T x C x D.
 
     ``direct`` forms each sample's C x D gradient once (the GEMM that the weight gradient
     needs anyway, so group sums come free) and reads its rows; ``gram`` forms the T x T
     Gram matrix of the sample's inputs and contracts it with the output gradient, and
-    then still pays one GEMM for the group sums. Costs in multiply-adds, with writing and
-    re-reading a per-sample gradient element counted as a few multiply-adds.
+    then still pays one GEMM for the group sums. Costs in multiply-adds. On CPU a
+    per-sample gradient element is written and re-read (a few multiply-adds' worth); in
+    Triton it stays in registers, but the per-sample dot pads T to the 16-wide MMA tile.
     """
     t, c, d = tokens, out_features, in_features
-    if t == 1:
-        return "direct"  # rank-one: grad_sq = g^2 * ||x||^2, no per-sample product at all
-    write_cost = 8
-    direct = t * c * d + write_cost * c * d
+    if backend == "triton":
+        direct = max(t, 16) * c * d + 4 * c * d
+    else:
+        if t == 1:
+            return "direct"  # rank-one: grad_sq = g^2 * ||x||^2, no per-sample product at all
+        direct = t * c * d + 8 * c * d
     gram = t * t * (d + c) + t * c * d
     return "gram" if gram < direct else "direct"
 
@@ -120,3 +180,11 @@ def reduce_per_sample_grad(per_sample_grad: torch.Tensor, group_ids: torch.Tenso
     group_grad = per_sample_grad.new_zeros((num_groups,) + per_sample_grad.shape[1:])
     group_grad.index_add_(0, group_ids, per_sample_grad)
     return grad_sq, group_grad
+
+
+def common_dtype(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Promote two floating tensors to one dtype (autocast saves fp32 inputs beside bf16 grads)."""
+    if a.dtype == b.dtype:
+        return a, b
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)

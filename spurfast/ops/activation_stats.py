@@ -12,7 +12,14 @@ from typing import Tuple
 import torch
 
 from spurfast._extension import require_extension
-from spurfast.ops._common import acc_dtype, check_finite, check_floating, check_group_ids, resolve_backend
+from spurfast.ops._common import (
+    acc_dtype,
+    check_finite,
+    check_floating,
+    check_group_ids,
+    resolve_backend,
+    triton_module,
+)
 from spurfast.ops._library import lib, register_fake
 
 lib.define(
@@ -26,7 +33,13 @@ def _activation_stats_cpu(y, group_ids, num_groups, channels_last):
     return act, count, mean, m2
 
 
+def _activation_stats_triton(y, group_ids, num_groups, channels_last):
+    act, count, mean, m2 = triton_module("activation_stats").activation_stats_triton(y, group_ids, num_groups, channels_last)
+    return act, count, mean, m2
+
+
 lib.impl("activation_stats", _activation_stats_cpu, "CPU")
+lib.impl("activation_stats", _activation_stats_triton, "CUDA")
 
 
 @register_fake("spurfast::activation_stats")
@@ -88,8 +101,11 @@ def activation_stats(
     group_ids = check_group_ids(group_ids, y.shape[0], num_groups).to(y.device)
     if check_inputs:
         check_finite(y, "y")
-    if resolve_backend(backend, y.device) == "torch":
+    backend = resolve_backend(backend, y.device, y.dtype)
+    if backend == "torch":
         return activation_stats_reference(y3, group_ids, num_groups, channels_last)
+    if backend == "triton" and y.device.type == "cpu":  # the interpreter: call the kernel directly
+        return _activation_stats_triton(y3, group_ids, num_groups, channels_last)
     return torch.ops.spurfast.activation_stats(y3, group_ids, num_groups, channels_last)
 
 

@@ -18,6 +18,7 @@ from einops import einsum, rearrange
 from spurfast._extension import require_extension
 from spurfast.ops._common import (
     acc_dtype,
+    common_dtype,
     check_finite,
     check_floating,
     check_group_ids,
@@ -26,6 +27,7 @@ from spurfast.ops._common import (
     pair,
     reduce_per_sample_grad,
     resolve_backend,
+    triton_module,
 )
 from spurfast.ops._library import lib, register_fake
 
@@ -42,7 +44,15 @@ def _conv2d_grad_stats_cpu(x, grad_out, kernel_size, stride, padding, dilation, 
     return grad_sq, group_grad
 
 
+def _conv2d_grad_stats_triton(x, grad_out, kernel_size, stride, padding, dilation, groups, group_ids, num_groups, method):
+    grad_sq, group_grad = triton_module("grad_stats").conv2d_grad_stats_triton(
+        x, grad_out, kernel_size, stride, padding, dilation, groups, group_ids, num_groups, method
+    )
+    return grad_sq, group_grad
+
+
 lib.impl("conv2d_grad_stats", _conv2d_grad_stats_cpu, "CPU")
+lib.impl("conv2d_grad_stats", _conv2d_grad_stats_triton, "CUDA")
 
 
 @register_fake("spurfast::conv2d_grad_stats")
@@ -177,7 +187,8 @@ def conv_grad_stats(
     if check_inputs:
         check_finite(x, "x")
         check_finite(grad_out, "grad_out")
-    backend = resolve_backend(backend, x.device)
+    x4, g4 = common_dtype(x4, g4)
+    backend = resolve_backend(backend, x.device, x4.dtype)
     if backend == "torch":
         grad_sq, group_grad = conv2d_grad_stats_reference(
             x4, g4, kernel, stride, padding, dilation, groups, group_ids, num_groups
@@ -185,8 +196,10 @@ def conv_grad_stats(
     else:
         if method == "auto":
             positions = g4.shape[2] * g4.shape[3]
-            method = choose_method(positions, out_channels // groups, in_per_group * kernel[0] * kernel[1])
-        grad_sq, group_grad = torch.ops.spurfast.conv2d_grad_stats(
-            x4, g4, list(kernel), list(stride), list(padding), list(dilation), groups, group_ids, num_groups, method
-        )
+            method = choose_method(positions, out_channels // groups, in_per_group * kernel[0] * kernel[1], backend)
+        args = (x4, g4, list(kernel), list(stride), list(padding), list(dilation), groups, group_ids, num_groups, method)
+        if backend == "triton" and x.device.type == "cpu":  # the interpreter: call the kernels directly
+            grad_sq, group_grad = _conv2d_grad_stats_triton(*args)
+        else:
+            grad_sq, group_grad = torch.ops.spurfast.conv2d_grad_stats(*args)
     return grad_sq, group_grad.reshape((num_groups,) + weight_shape)

@@ -21,6 +21,7 @@ from einops import einsum
 from spurfast._extension import require_extension
 from spurfast.ops._common import (
     acc_dtype,
+    common_dtype,
     check_finite,
     check_floating,
     check_group_ids,
@@ -28,6 +29,7 @@ from spurfast.ops._common import (
     choose_method,
     reduce_per_sample_grad,
     resolve_backend,
+    triton_module,
 )
 from spurfast.ops._library import lib, register_fake
 
@@ -42,7 +44,13 @@ def _linear_grad_stats_cpu(x, grad_out, group_ids, num_groups, method):
     return grad_sq, group_grad
 
 
+def _linear_grad_stats_triton(x, grad_out, group_ids, num_groups, method):
+    grad_sq, group_grad = triton_module("grad_stats").linear_grad_stats_triton(x, grad_out, group_ids, num_groups, method)
+    return grad_sq, group_grad
+
+
 lib.impl("linear_grad_stats", _linear_grad_stats_cpu, "CPU")
+lib.impl("linear_grad_stats", _linear_grad_stats_triton, "CUDA")
 
 
 @register_fake("spurfast::linear_grad_stats")
@@ -96,7 +104,8 @@ def linear_grad_stats(
         grad_out: gradient w.r.t. the layer output, ``[B, C]`` or ``[B, ..., C]``.
         group_ids: ``[B]`` integer group of each sample, in ``[0, num_groups)``.
         num_groups: number of groups G.
-        backend: ``"auto"``, ``"torch"`` or ``"cpp"``.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"`` (CPU) or ``"triton"`` (CUDA, or CPU under
+            ``TRITON_INTERPRET=1``).
         method: ``"auto"`` (cost model), ``"direct"`` (per-sample products, chunked) or
             ``"gram"`` (``g^T (X X^T) g``); ignored by the torch backend.
         check_inputs: also check that x and grad_out are finite.
@@ -126,9 +135,12 @@ def linear_grad_stats(
     if check_inputs:
         check_finite(x, "x")
         check_finite(grad_out, "grad_out")
-    backend = resolve_backend(backend, x.device)
+    x3, g3 = common_dtype(x3, g3)
+    backend = resolve_backend(backend, x.device, x3.dtype)
     if backend == "torch":
         return linear_grad_stats_reference(x3, g3, group_ids, num_groups)
     if method == "auto":
-        method = choose_method(x3.shape[1], g3.shape[2], x3.shape[2])
+        method = choose_method(x3.shape[1], g3.shape[2], x3.shape[2], backend)
+    if backend == "triton" and x.device.type == "cpu":  # the interpreter: call the kernels directly
+        return _linear_grad_stats_triton(x3, g3, group_ids, num_groups, method)
     return torch.ops.spurfast.linear_grad_stats(x3, g3, group_ids, num_groups, method)

@@ -1,10 +1,13 @@
 import os
 
-# Triton kernels run on CPU through the interpreter in CI; this must precede any triton import.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, Triton kernels run on CPU through the interpreter (as in CI); this must
+# precede any triton import. With a GPU they run compiled, at real sizes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(

@@ -1,0 +1,59 @@
+"""Compile every Triton kernel ahead of time for a GPU target, without a GPU.
+
+Run by tests/test_triton_compile.py in a subprocess with TRITON_INTERPRET=0; exits 3 when
+this Triton's ahead-of-time compile API differs from the one used here.
+"""
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import spurfast.ops._triton.activation_stats as act_kernels
+import spurfast.ops._triton.grad_stats as grad_kernels
+
+STRIDES = {"sxn", "sxc", "sxh", "sxw", "sgn", "sgc", "sgl", "syn", "syc", "syp"}
+
+
+def compile_kernel(kernel, constexprs, pointer_dtypes, target):
+    fn = kernel
+    while not isinstance(fn, triton.runtime.JITFunction):
+        fn = fn.fn  # unwrap autotuners
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + pointer_dtypes.get(name, "fp32")
+        else:
+            signature[name] = "i64" if name in STRIDES else "i32"
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=target)
+
+
+def main(arch: int) -> None:
+    target = GPUTarget("cuda", arch, 32)
+    tile = dict(BLOCK_L=32, BLOCK_C=64, BLOCK_K=64)
+    for dtype in ("fp32", "bf16", "fp16"):
+        precision = "ieee" if dtype == "fp32" else "tf32"
+        pointers = {"x_ptr": dtype, "g_ptr": dtype, "order_ptr": "i64", "seg_ptr": "i64"}
+        conv = dict(KH=3, KW=3, PRECISION=precision)
+        for atomic in (True, False):
+            compile_kernel(grad_kernels._direct_kernel, dict(conv, ATOMIC=atomic, **tile), pointers, target)
+        compile_kernel(grad_kernels._group_gemm_kernel, dict(conv, **tile), pointers, target)
+        compile_kernel(grad_kernels._gram_kernel, dict(conv, BLOCK_L=32, BLOCK_K=32), pointers, target)
+        compile_kernel(grad_kernels._gram_contract_kernel, dict(PRECISION="ieee", BLOCK_L=32, BLOCK_C=32),
+                       {"g_ptr": dtype}, target)
+        compile_kernel(act_kernels._channel_means_kernel, dict(BLOCK_C=64, BLOCK_P=64), {"y_ptr": dtype}, target)
+    compile_kernel(act_kernels._group_moments_kernel, dict(BLOCK_C=128),
+                   {"order_ptr": "i64", "seg_ptr": "i64", "mean_ptr": "fp64", "m2_ptr": "fp64"}, target)
+    print("compiled")
+
+
+if __name__ == "__main__":
+    try:
+        main(int(sys.argv[1]))
+    except (TypeError, AttributeError, ImportError) as exc:  # a different compile API
+        print(f"unsupported triton {triton.__version__} compile API: {exc!r}")
+        sys.exit(3)

@@ -104,12 +104,24 @@ def sort_by_group(group_ids: torch.Tensor, num_groups: int) -> Tuple[torch.Tenso
     """``(order [B], seg [G+1])``: group g's samples are ``order[seg[g]:seg[g+1]]``."""
     order = torch.sort(group_ids, stable=True).indices
     seg = torch.zeros(num_groups + 1, dtype=torch.int64, device=group_ids.device)
-    seg[1:] = torch.cumsum(torch.bincount(group_ids, minlength=num_groups), 0)
+    seg[1:] = torch.cumsum(group_counts(group_ids, num_groups), 0)
     return order, seg
 
 
-def check_group_ids(group_ids: torch.Tensor, batch: int, num_groups: int, name: str = "group_ids") -> torch.Tensor:
-    """Validate group ids once at the boundary and return them as int64."""
+def group_counts(group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Samples per group ``[G]`` int64; unlike ``bincount`` on CUDA, no host synchronisation."""
+    counts = torch.zeros(num_groups, dtype=torch.int64, device=group_ids.device)
+    return counts.scatter_add_(0, group_ids, torch.ones_like(group_ids))
+
+
+def check_group_ids(
+    group_ids: torch.Tensor, batch: int, num_groups: int, name: str = "group_ids", check_range: bool = True
+) -> torch.Tensor:
+    """Validate group ids once at the boundary and return them as int64.
+
+    ``check_range=False`` skips the value check, which reads the ids back to the host (a
+    device synchronisation); callers that validated the ids already pass it.
+    """
     if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     if not isinstance(group_ids, torch.Tensor):
@@ -118,8 +130,8 @@ def check_group_ids(group_ids: torch.Tensor, batch: int, num_groups: int, name: 
         raise ValueError(f"{name} must have shape [{batch}] (one id per sample), got {list(group_ids.shape)}")
     if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex or group_ids.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {group_ids.dtype}")
-    if batch > 0:
-        lo, hi = int(group_ids.min()), int(group_ids.max())
+    if check_range and batch > 0:
+        lo, hi = (int(v) for v in torch.aminmax(group_ids))
         if lo < 0 or hi >= num_groups:
             raise ValueError(f"{name} must lie in [0, num_groups={num_groups}), got values in [{lo}, {hi}]")
     return group_ids.to(torch.int64)

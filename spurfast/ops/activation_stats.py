@@ -17,6 +17,7 @@ from spurfast.ops._common import (
     check_finite,
     check_floating,
     check_group_ids,
+    group_counts,
     resolve_backend,
     triton_module,
 )
@@ -59,7 +60,7 @@ def activation_stats_reference(
     """Plain-torch definition for ``y`` ``[B, C, P]`` (or ``[B, P, C]`` if channels_last)."""
     act = y.to(acc_dtype(y.dtype)).mean(1 if channels_last else 2)  # [B, C]
     act64 = act.double()
-    count = torch.bincount(group_ids, minlength=num_groups)
+    count = group_counts(group_ids, num_groups)
     total = act64.new_zeros(num_groups, act.shape[1]).index_add_(0, group_ids, act64)
     mean = total / count.clamp(min=1).unsqueeze(1)
     deviation = act64 - mean[group_ids]
@@ -98,7 +99,7 @@ def activation_stats(
         raise ValueError(f"channel_dim must be 1 or -1, got {channel_dim}")
     channels_last = channel_dim != 1 or y.dim() == 2
     y3 = y.reshape(y.shape[0], -1, y.shape[-1]) if channels_last else y.reshape(y.shape[0], y.shape[1], -1)
-    group_ids = check_group_ids(group_ids, y.shape[0], num_groups).to(y.device)
+    group_ids = check_group_ids(group_ids, y.shape[0], num_groups, check_range=check_inputs).to(y.device)
     if check_inputs:
         check_finite(y, "y")
     backend = resolve_backend(backend, y.device, y.dtype)

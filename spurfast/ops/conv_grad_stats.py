@@ -182,7 +182,7 @@ def conv_grad_stats(
         raise ValueError(f"x and grad_out disagree in batch size: {x.shape[0]} vs {grad_out.shape[0]}")
     if x.device != grad_out.device:
         raise ValueError(f"x is on {x.device} but grad_out is on {grad_out.device}")
-    group_ids = check_group_ids(group_ids, x4.shape[0], num_groups).to(x.device)
+    group_ids = check_group_ids(group_ids, x4.shape[0], num_groups, check_range=check_inputs).to(x.device)
     check_method(method)
     if check_inputs:
         check_finite(x, "x")

@@ -108,7 +108,9 @@ def linear_grad_stats(
             ``TRITON_INTERPRET=1``).
         method: ``"auto"`` (cost model), ``"direct"`` (per-sample products, chunked) or
             ``"gram"`` (``g^T (X X^T) g``); ignored by the torch backend.
-        check_inputs: also check that x and grad_out are finite.
+        check_inputs: check that x and grad_out are finite and group_ids lie in range (both
+            read values back to the host: a device synchronisation). Pass ``False`` only for
+            inputs already validated; out-of-range ids then read out of bounds.
 
     Returns:
         ``grad_sq [B, C]`` and ``group_grad [G, C, D]``, float32 (float64 for float64 input).
@@ -130,7 +132,7 @@ def linear_grad_stats(
         )
     if x.device != grad_out.device:
         raise ValueError(f"x is on {x.device} but grad_out is on {grad_out.device}")
-    group_ids = check_group_ids(group_ids, x3.shape[0], num_groups).to(x.device)
+    group_ids = check_group_ids(group_ids, x3.shape[0], num_groups, check_range=check_inputs).to(x.device)
     check_method(method)
     if check_inputs:
         check_finite(x, "x")

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spurfast.ops._common import sort_by_group
+from spurfast.ops._common import group_counts, sort_by_group
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def activation_stats_triton(y: torch.Tensor, group_ids: torch.Tensor, num_groups
     syn = y.stride(0)
     syc, syp = (y.stride(2), y.stride(1)) if channels_last else (y.stride(1), y.stride(2))
     act = torch.empty(batch, channels, device=y.device, dtype=torch.float32)
-    count = torch.bincount(group_ids, minlength=num_groups)
+    count = group_counts(group_ids, num_groups)
     mean = torch.zeros(num_groups, channels, device=y.device, dtype=torch.float64)
     m2 = torch.zeros_like(mean)
     if batch == 0:

@@ -124,10 +124,13 @@ std::vector<at::Tensor> linear_grad_stats_cpu(const at::Tensor& x_in, const at::
   const auto x = x_in.to(acc).contiguous();
   const auto g = grad_out_in.to(acc).contiguous();
   auto grad_sq = at::empty({B, C}, x.options());
-  auto group_grad = at::zeros({num_groups, C, D}, x.options());
+  // The direct path accumulates into group_grad; the others overwrite non-empty groups.
+  const bool accumulate = method == "direct" && T > 1;
+  auto group_grad = accumulate || B == 0 ? at::zeros({num_groups, C, D}, x.options())
+                                         : at::empty({num_groups, C, D}, x.options());
   if (B == 0) return {grad_sq, group_grad};
 
-  if (method == "direct" && T > 1) {
+  if (accumulate) {
     const int64_t step = chunk_samples(C * D);
     const auto gt = g.transpose(1, 2);  // [B, C, T]
     for (int64_t s0 = 0; s0 < B; s0 += step) {
@@ -166,7 +169,10 @@ std::vector<at::Tensor> linear_grad_stats_cpu(const at::Tensor& x_in, const at::
   const auto gs = g.index_select(0, order).reshape({B * T, C});
   for (int64_t gi = 0; gi < num_groups; ++gi) {
     const int64_t lo = offsets[gi], hi = offsets[gi + 1];
-    if (hi == lo) continue;
+    if (hi == lo) {
+      group_grad[gi].zero_();
+      continue;
+    }
     auto dst = group_grad[gi];
     at::mm_out(dst, gs.narrow(0, lo * T, (hi - lo) * T).t(),
                xs.narrow(0, lo * T, (hi - lo) * T));
@@ -200,7 +206,9 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
   const auto x = x_in.to(acc).contiguous();
   const auto g = grad_out_in.to(acc).contiguous();
   auto grad_sq = at::empty({B, Cout}, x.options());
-  auto group_grad = at::zeros({num_groups, Cout, Kg}, x.options());
+  // The direct path accumulates into group_grad; the Gram path overwrites non-empty groups.
+  auto group_grad = method == "direct" || B == 0 ? at::zeros({num_groups, Cout, Kg}, x.options())
+                                                 : at::empty({num_groups, Cout, Kg}, x.options());
   if (B == 0) return {grad_sq, group_grad.view({num_groups, Cout, Cin / groups, kh, kw})};
 
   const auto patches_of = [&](int64_t s0, int64_t n) {
@@ -252,7 +260,10 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
   auto group_grad5 = group_grad.view({num_groups, Cout, Cin / groups, kh, kw});
   for (int64_t gi = 0; gi < num_groups; ++gi) {
     const int64_t lo = offsets[gi], hi = offsets[gi + 1];
-    if (hi == lo) continue;
+    if (hi == lo) {
+      group_grad5[gi].zero_();
+      continue;
+    }
     const auto idx = order.narrow(0, lo, hi - lo);
     auto grads = at::convolution_backward(
         g.index_select(0, idx), x.index_select(0, idx), w_dummy, c10::nullopt, stride, padding,

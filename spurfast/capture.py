@@ -481,8 +481,8 @@ class NeuronStats:
     def _store_grad_stats(self, batch: _Batch, layer: _Layer, grad_sq, group_grad) -> None:
         scale = batch.grad_scale
         batch.grad_sq[layer.name] = grad_sq.float() * (scale * scale)
-        if self.track_group_grad:
-            batch.group_grad[layer.name] = group_grad.reshape((self.num_groups,) + tuple(layer.module.weight.shape)) * scale
+        if self.track_group_grad:  # kept unscaled: the scale is applied while folding, in one pass
+            batch.group_grad[layer.name] = group_grad.reshape((self.num_groups,) + tuple(layer.module.weight.shape))
         batch.grad_done.add(layer.name)
 
     def _fold(self, batch: _Batch) -> None:
@@ -523,7 +523,7 @@ class NeuronStats:
                 ids = batch.ids_on(grad_sq.device)
                 self.grad_sq_sum[name].index_add_(0, ids, grad_sq.double())
                 if self.track_group_grad and name in batch.group_grad:
-                    self.group_grad[name] += batch.group_grad[name].to(self.group_grad[name].dtype)
+                    self.group_grad[name].add_(batch.group_grad[name], alpha=batch.grad_scale)
             self.group_count += counts
             self.last_grad_sq = last_grad_sq
         for name, (count, mean, m2) in moments.items():

@@ -23,15 +23,19 @@ namespace spurfast {
 
 namespace {
 
-// Per-sample products held at once: about 8 MiB of float32.
-constexpr int64_t kChunkElements = int64_t(1) << 21;
+// Per-sample products held at once: about 8 MiB of float32, so they stay near the cache
+// between the GEMM that writes them and the pass that reduces them.
+constexpr int64_t kProductElements = int64_t(1) << 21;
+// im2col patches (or Gram matrices) held at once: a workspace of at most 64 MiB of float32;
+// larger chunks let one GEMM cover many samples.
+constexpr int64_t kWorkspaceElements = int64_t(1) << 24;
 
 at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-int64_t chunk_samples(int64_t per_sample_elements) {
-  return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, per_sample_elements));
+int64_t chunk_samples(int64_t per_sample_elements, int64_t budget = kProductElements) {
+  return std::max<int64_t>(1, budget / std::max<int64_t>(1, per_sample_elements));
 }
 
 // products: [n, C, D] contiguous; grad_sq: [n, C] rows of the output; group_grad: [G, C, D].
@@ -151,7 +155,7 @@ std::vector<at::Tensor> linear_grad_stats_cpu(const at::Tensor& x_in, const at::
     const auto x2 = x.squeeze(1), g2 = g.squeeze(1);
     grad_sq.copy_(g2.square() * x2.square().sum(1, true));
   } else {
-    const int64_t step = chunk_samples(T * (T + C));
+    const int64_t step = chunk_samples(T * (T + C), kWorkspaceElements);
     for (int64_t s0 = 0; s0 < B; s0 += step) {
       const int64_t n = std::min(step, B - s0);
       const auto xs = x.narrow(0, s0, n), gs = g.narrow(0, s0, n);
@@ -223,7 +227,7 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
   };
 
   if (method == "direct") {
-    const int64_t step = chunk_samples(std::max(Cout * Kg, groups * Kg * L));
+    const int64_t step = std::min(chunk_samples(Cout * Kg), chunk_samples(groups * Kg * L, kWorkspaceElements));
     for (int64_t s0 = 0; s0 < B; s0 += step) {
       const int64_t n = std::min(step, B - s0);
       // [n*groups, Cg, Kg] is laid out as [n, Cout, Kg].
@@ -239,7 +243,7 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
     return {grad_sq, group_grad.view({num_groups, Cout, Cin / groups, kh, kw})};
   }
 
-  const int64_t step = chunk_samples(groups * L * (L + Kg + Cg));
+  const int64_t step = chunk_samples(groups * L * (L + Kg + Cg), kWorkspaceElements);
   for (int64_t s0 = 0; s0 < B; s0 += step) {
     const int64_t n = std::min(step, B - s0);
     const auto u = patches_of(s0, n);                               // [n*groups, Kg, L]

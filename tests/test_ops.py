@@ -287,3 +287,24 @@ def test_cuda_tensors_match_cpu_reference():
     got = linear_grad_stats(x.cuda(), g.cuda(), ids.cuda(), 3)
     for a, w in zip(got, want):
         assert rel_err(a.cpu(), w) < 1e-4
+
+
+def test_multi_chunk_paths_match_reference(has_ext):
+    """Shapes big enough that the cpp kernels split the batch into several chunks."""
+    torch.manual_seed(8)
+    ids = torch.tensor([1, 0, 1])
+    # direct: one 2048x1024 per-sample product per chunk
+    x, g = torch.randn(3, 2, 1024), torch.randn(3, 2, 2048)
+    want = linear_grad_stats_reference(x.double(), g.double(), ids, 2)
+    for a, w in zip(linear_grad_stats(x, g, ids, 2, backend="cpp", method="direct"), want):
+        assert rel_err(a, w) < TOL[torch.float32]
+    # gram: one 2048x2048 Gram matrix (and its product with grad_out) per chunk
+    x, g = torch.randn(3, 2048, 16), torch.randn(3, 2048, 2048)
+    want = linear_grad_stats_reference(x.double(), g.double(), ids, 2)
+    for a, w in zip(linear_grad_stats(x, g, ids, 2, backend="cpp", method="gram"), want):
+        assert rel_err(a, w) < TOL[torch.float32]
+    # conv direct: one 512 x 4608 per-sample product per chunk
+    xc, gc = torch.randn(3, 512, 4, 4), torch.randn(3, 512, 4, 4)
+    want = conv_grad_stats_reference(xc.double(), gc.double(), (512, 512, 3, 3), 1, 1, 1, 1, ids, 2)
+    for a, w in zip(conv_grad_stats(xc, gc, (512, 512, 3, 3), 1, 1, 1, 1, ids, 2, backend="cpp", method="direct"), want):
+        assert rel_err(a, w) < TOL[torch.float32]

@@ -10,6 +10,40 @@ Public API (everything else is internal)::
 from spurfast import ops
 from spurfast._extension import build_info
 from spurfast.capture import NeuronStats
+from spurfast.interventions import Intervention, intervene
+from spurfast.scores import (
+    NeuronScores,
+    Unit,
+    activation_contrast,
+    auroc,
+    grad_sq_contrast,
+    group_gradient,
+    group_profile,
+    localize,
+    magnitude,
+    self_influence,
+    top_samples,
+    unstructured_threshold,
+)
 
 __version__ = "0.1.0"
-__all__ = ["NeuronStats", "build_info", "ops", "__version__"]
+__all__ = [
+    "Intervention",
+    "NeuronScores",
+    "NeuronStats",
+    "Unit",
+    "activation_contrast",
+    "auroc",
+    "build_info",
+    "grad_sq_contrast",
+    "group_gradient",
+    "group_profile",
+    "intervene",
+    "localize",
+    "magnitude",
+    "ops",
+    "self_influence",
+    "top_samples",
+    "unstructured_threshold",
+    "__version__",
+]

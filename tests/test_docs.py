@@ -13,6 +13,11 @@ DOCTEST_MODULES = [
     "spurfast.ops.linear_grad_stats",
     "spurfast.ops.conv_grad_stats",
     "spurfast.ops.activation_stats",
+    "spurfast.scores",
+    "spurfast.interventions",
+    "spurfast.data",
+    "spurfast.metrics",
+    "spurfast.train",
 ]
 
 

@@ -1,0 +1,196 @@
+"""CPU timing helpers shared by the CPU benchmarks: interleaved repeats, quantile summaries,
+per-call peak RSS, and a description of the machine (load included, since on a small
+shared CPU a neighbour's process moves every number)."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+_CLEAR_REFS = "/proc/self/clear_refs"
+_STATUS = "/proc/self/status"
+
+
+def summarize(times_ms: List[float], cpu_ms: Optional[List[float]] = None) -> Dict[str, object]:
+    """Median, quartiles and IQR of repeat times in ms (quartiles by the 'inclusive' rule, so
+    that three repeats give min/median/max); `cpu_ms`, the process CPU time of the same calls
+    (all threads), adds its median: less moved than wall time by other processes' load."""
+    if len(times_ms) > 1:
+        q1, _, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
+    else:
+        q1 = q3 = times_ms[0]
+    return {
+        "median_ms": statistics.median(times_ms),
+        "q1_ms": q1,
+        "q3_ms": q3,
+        "iqr_ms": q3 - q1,
+        "min_ms": min(times_ms),
+        "repeats": len(times_ms),
+        "cpu_median_ms": statistics.median(cpu_ms) if cpu_ms else None,
+        "runs_ms": [round(t, 3) for t in times_ms],
+    }
+
+
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_supported() -> bool:
+    """Linux lets a process reset its own RSS high-water mark (VmHWM) by writing 5 to
+    clear_refs; without that, peak RSS would be a process-lifetime figure, useless per call."""
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+class PeakRSS:
+    """Peak resident memory of the process above its level at entry, in bytes, for one call.
+    torch's CPU allocator hands large blocks straight back to the OS, so this tracks tensors."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.delta_bytes: Optional[int] = None
+
+    def __enter__(self) -> "PeakRSS":
+        if self.enabled:
+            with open(_CLEAR_REFS, "w") as f:
+                f.write("5")
+            self._start_kib = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.delta_bytes = max(0, (_status_kib("VmHWM") - self._start_kib) * 1024)
+
+
+def time_call(fn: Callable[[], object], measure_memory: bool = False) -> Tuple[float, float, Optional[int]]:
+    """(wall ms, process CPU ms, peak RSS above the start in bytes or None) of one call."""
+    with PeakRSS(measure_memory) as mem:
+        cpu_start = time.process_time()
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        cpu_elapsed = time.process_time() - cpu_start
+    return elapsed * 1e3, cpu_elapsed * 1e3, mem.delta_bytes
+
+
+MIN_REPEATS = 3
+
+
+def repeats_within(budget_s: Optional[float], round_s: float, repeats: int) -> int:
+    """`repeats`, cut so that the timed rounds take about `budget_s` (never below
+    MIN_REPEATS): keeps a slow reference from dominating the run time."""
+    if budget_s is None or round_s <= 0:
+        return repeats
+    return max(min(repeats, MIN_REPEATS), min(repeats, int(budget_s / round_s)))
+
+
+def interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    measure_memory: bool = False,
+    between: Optional[Callable[[], object]] = None,
+    budget_s: Optional[float] = None,
+) -> Dict[str, Dict[str, object]]:
+    """Time every function `repeats` times after `warmup` untimed calls, running them in
+    rounds (one call of each per round, order rotated every round) so that a load change on
+    the machine hits all of them alike instead of biasing whichever ran during it.
+
+    `between` runs untimed after every call (e.g. zeroing .grad). With `measure_memory`,
+    each entry also gets `peak_rss_delta_bytes`: the largest over its timed calls. With
+    `budget_s`, the last warm-up round's duration sets `repeats_within(budget_s, ...)`."""
+    names = list(fns)
+    round_s = 0.0
+    for _ in range(warmup):
+        start = time.perf_counter()
+        for name in names:
+            fns[name]()
+            if between is not None:
+                between()
+        round_s = time.perf_counter() - start
+    repeats = repeats_within(budget_s, round_s, repeats)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    cpu: Dict[str, List[float]] = {name: [] for name in names}
+    peaks: Dict[str, int] = {name: 0 for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            wall_ms, cpu_ms, peak = time_call(fns[name], measure_memory)
+            times[name].append(wall_ms)
+            cpu[name].append(cpu_ms)
+            if peak is not None:
+                peaks[name] = max(peaks[name], peak)
+            if between is not None:
+                between()
+    out = {}
+    for name in names:
+        out[name] = summarize(times[name], cpu[name])
+        out[name]["peak_rss_delta_bytes"] = peaks[name] if measure_memory else None
+    return out
+
+
+class OtherLoad:
+    """Average number of CPU cores kept busy by *other* processes while the block ran, from
+    /proc/stat (all CPUs) minus this process's own ticks; None where /proc is missing."""
+
+    def __init__(self):
+        self.cores: Optional[float] = None
+
+    @staticmethod
+    def _ticks():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        with open("/proc/self/stat") as f:
+            stat = f.read().rsplit(")", 1)[1].split()
+        own = int(stat[11]) + int(stat[12])  # utime + stime of this process, all threads
+        return sum(fields[:8]), sum(fields[:8]) - idle, own
+
+    def __enter__(self) -> "OtherLoad":
+        try:
+            self._start = self._ticks()
+        except (OSError, ValueError, IndexError):
+            self._start = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._start is None:
+            return
+        total, busy, own = (b - a for a, b in zip(self._start, self._ticks()))
+        if total > 0:
+            self.cores = round(max(0, busy - own) / total * (os.cpu_count() or 1), 2)
+
+
+def load_average() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info() -> Dict[str, object]:
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_parallel_info": torch.__config__.parallel_info(),
+        "load_average_1_5_15min": load_average(),
+    }

@@ -32,3 +32,12 @@ def has_ext():
     if load_extension() is None:
         pytest.skip("compiled extension not built")
     return True
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is fastest and avoids oversubscription when the machine is busy."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

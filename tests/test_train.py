@@ -11,13 +11,7 @@ from spurfast.models import MLP, SmallCNN, create_model
 from spurfast.train import checkpoint_path, erm, latest_checkpoint, load_checkpoint, make_optimizer, save_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one thread is fastest and avoids oversubscription when the machine is busy.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

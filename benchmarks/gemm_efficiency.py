@@ -43,6 +43,8 @@ if _HERE not in sys.path:  # run as a script it is already there; imported (test
 from scoring_throughput import (  # noqa: E402  (sibling script, not a package)
     RESULTS_DIR,
     environment,
+    render_only,
+    select_device,
     slug,
     summarize,
     time_calls,
@@ -411,15 +413,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     if args.render is not None:
-        data = json.loads(args.render.read_text())
-        print(render_table(data))
-        return data
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
-    device = torch.device(args.device)
-    tf32 = not args.no_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+        return render_only(args.render, render_table)
+    device, tf32 = select_device(args)
     shapes = tiny_shapes() if args.tiny else default_shapes()
     if args.models:
         shapes = [s for s in shapes if s.model in args.models]

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from spurfast.data import SynthWaterbirds  # noqa: E402
 from spurfast.metrics import evaluate  # noqa: E402
-from spurfast.models import SmallCNN  # noqa: E402
+from spurfast.models import MLP, SmallCNN  # noqa: E402
 from spurfast.scores import auroc, group_gradient, localize, self_influence, top_samples  # noqa: E402
 from spurfast.train import checkpoint_path, erm, load_checkpoint  # noqa: E402
 from spurfast.trace import TraceResult, trace  # noqa: E402
@@ -59,7 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=1200)
-    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--model", default="small_cnn", choices=["small_cnn", "mlp"])
+    p.add_argument("--width", type=int, default=16, help="SmallCNN: channels of the first block")
+    p.add_argument("--hidden", type=int, nargs="+", default=[512, 512], help="MLP: hidden widths")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
@@ -70,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--targets", type=int, nargs="+", default=list(MINORITY), help="minority groups to localize")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--modes", nargs="+", default=["random_init"])
-    p.add_argument("--sigma", default="init", help="'init' (the layer's default-init std) or a float")
+    p.add_argument("--sigmas", nargs="+", default=["init"],
+                   help="for random_init/random_noise: 'init' (the layer's default-init std) and/or floats")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--exclude-extra", nargs="*", default=[], help="more layer patterns to exclude")
     p.add_argument("--threads", type=int, default=2)
@@ -81,16 +84,15 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     if args.tiny:
-        args.n_train, args.n_test, args.epochs, args.width = 200, 80, 2, 4
+        args.n_train, args.n_test, args.epochs, args.width, args.hidden = 200, 80, 2, 4, [16, 16]
         args.seeds, args.repeats, args.tracin_every, args.hardest = args.seeds[:1], 2, 1, 20
         args.cache = None
-    if args.sigma != "init":
-        args.sigma = float(args.sigma)
+    args.sigmas = [s if s == "init" else float(s) for s in args.sigmas]
     return args
 
 
 def train_settings(args):
-    keys = ("data_seed", "n_train", "width", "epochs", "lr", "optimizer", "lr_schedule", "batch_size", "tracin_every")
+    keys = ("data_seed", "n_train", "model", "width", "hidden", "epochs", "lr", "optimizer", "lr_schedule", "batch_size", "tracin_every")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -110,6 +112,12 @@ def tracin_weights(args, epochs):
     return weights
 
 
+def build_model(args):
+    if args.model == "mlp":
+        return MLP(in_features=3 * 32 * 32, hidden=args.hidden, num_classes=2)
+    return SmallCNN(num_classes=2, width=args.width).to(memory_format=torch.channels_last)
+
+
 def get_model(args, seed, train, test):
     """Trained model + TracIn checkpoints (state dicts), from the cache or by training."""
     settings = train_settings(args)
@@ -117,7 +125,7 @@ def get_model(args, seed, train, test):
     if not epochs or epochs[-1] != args.epochs:
         epochs.append(args.epochs)
     cache_file = None if args.cache is None else args.cache / f"seed{seed}.safetensors"
-    model = SmallCNN(num_classes=2, width=args.width)
+    model = build_model(args)
     if cache_file is not None and cache_file.exists() and not args.retrain:
         from safetensors import safe_open
 
@@ -127,9 +135,9 @@ def get_model(args, seed, train, test):
             tensors = load_file(str(cache_file))
             ckpts = [{k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"e{e}.")} for e in epochs]
             model.load_state_dict(ckpts[-1])
-            return model.to(memory_format=torch.channels_last), ckpts, epochs, {"cached": True, "train_seconds": None}
+            return model, ckpts, epochs, {"cached": True, "train_seconds": None}
     torch.manual_seed(seed)
-    model = SmallCNN(num_classes=2, width=args.width).to(memory_format=torch.channels_last)
+    model = build_model(args)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         erm(
@@ -139,7 +147,7 @@ def get_model(args, seed, train, test):
         )
         ckpts = []
         for e in epochs:
-            m = SmallCNN(num_classes=2, width=args.width)
+            m = build_model(args)
             load_checkpoint(checkpoint_path(tmp, e), m)
             ckpts.append({k: v.clone() for k, v in m.state_dict().items()})
     seconds = time.perf_counter() - started
@@ -147,9 +155,9 @@ def get_model(args, seed, train, test):
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"e{e}.{k}": v.contiguous() for e, c in zip(epochs, ckpts) for k, v in c.items()}
         save_file(tensors, str(cache_file), metadata={"settings": json.dumps(settings)})
-    model = SmallCNN(num_classes=2, width=args.width)
+    model = build_model(args)
     model.load_state_dict(ckpts[-1])
-    return model.to(memory_format=torch.channels_last), ckpts, epochs, {"cached": False, "train_seconds": round(seconds, 1)}
+    return model, ckpts, epochs, {"cached": False, "train_seconds": round(seconds, 1)}
 
 
 def pct(x):
@@ -173,7 +181,7 @@ def run_seed(args, seed, train, test):
         units = localize(scores, k=max(args.ks), group=target, exclude=exclude)
         localized[target] = [(u.layer, u.channel) for u in units]
         result = trace(
-            model, units, {"train": train, "test": test}, modes=args.modes, sigmas=[args.sigma],
+            model, units, {"train": train, "test": test}, modes=args.modes, sigmas=args.sigmas,
             repeats=args.repeats, ks=args.ks, num_groups=4, seed=1000 * seed, batch_size=2048,
         )
         for r in result.rows:
@@ -226,18 +234,23 @@ def run_seed(args, seed, train, test):
     }, rows
 
 
+def settings_of(rows):
+    """The (mode, sigma) settings in ``rows``, in the order they were run."""
+    return list(dict.fromkeys((r["mode"], r["sigma"]) for r in rows))
+
+
 def summarize(args, rows):
-    """Per (target, mode, k, split): means over seeds of the per-seed mean changes (points)."""
+    """Per (target, mode, sigma, k, split): means over seeds of the per-seed mean changes (points)."""
     out = []
     for target in args.targets:
-        for mode in args.modes:
+        for mode, sigma in settings_of(rows):
             for k in args.ks:
                 for split in ("train", "test"):
                     def change(units, group):
                         per_seed = [
                             r["change_mean"] for r in rows
-                            if (r["target"], r["mode"], r["k"], r["split"], r["units"], r["group"])
-                            == (target, mode, k, split, units, group)
+                            if (r["target"], r["mode"], r["sigma"], r["k"], r["split"], r["units"], r["group"])
+                            == (target, mode, sigma, k, split, units, group)
                         ]
                         return 100 * statistics.fmean(per_seed), (
                             100 * statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
@@ -251,7 +264,7 @@ def summarize(args, rows):
                     ctrl = -ctrl
                     worst_maj = max(maj.values())
                     out.append({
-                        "target": target, "mode": mode, "k": k, "split": split,
+                        "target": target, "mode": mode, "sigma": sigma, "k": k, "split": split,
                         "target_drop": round(drop_t, 2), "target_drop_std_over_seeds": round(std_t, 2),
                         "target_change_per_seed": seeds_t,
                         "majority_drop": {str(g): round(v, 2) for g, v in maj.items()},
@@ -264,13 +277,13 @@ def summarize(args, rows):
 
 def markdown(summary):
     lines = [
-        "| target group | mode | k | split | target drop (pts, mean ± sd over seeds) | majority drops g0 / g3 "
+        "| target group | mode | sigma | k | split | target drop (pts, mean ± sd over seeds) | majority drops g0 / g3 "
         "| other minority drop | random-units drop of target | claim met |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         lines.append(
-            f"| {s['target']} | {s['mode']} | {s['k']} | {s['split']} | {s['target_drop']:.1f} ± "
+            f"| {s['target']} | {s['mode']} | {'-' if s['sigma'] is None else s['sigma']} | {s['k']} | {s['split']} | {s['target_drop']:.1f} ± "
             f"{s['target_drop_std_over_seeds']:.1f} | {s['majority_drop']['0']:.1f} / {s['majority_drop']['3']:.1f} | "
             f"{', '.join(f'{v:.1f}' for v in s['other_minority_drop'].values())} | {s['control_target_drop']:.1f} | "
             f"{'yes' if s['claim_met'] else 'no'} |"
@@ -282,7 +295,8 @@ def plot(args, rows, path):
     """Train-accuracy change per group vs k, mean over seeds; one panel per (mode, target)."""
     merged = {}
     for r in rows:
-        key = (f"{r['mode']}, top-k of group {r['target']}", r["sigma"], r["k"], r["units"], r["split"], r["group"])
+        label = r["mode"] if r["sigma"] is None else f"{r['mode']} σ={r['sigma']}"
+        key = (f"{label}, top-k of group {r['target']}", r["sigma"], r["k"], r["units"], r["split"], r["group"])
         merged.setdefault(key, []).append(r["change_mean"])
     agg = []
     for (mode, sigma, k, units, split, group), vals in merged.items():
@@ -310,7 +324,7 @@ def main(argv=None):
     summary = summarize(args, rows)
     table = markdown(summary)
     aurocs = [r["self_influence"]["auroc_minority_vs_majority"] for r in runs]
-    si_line = (f"Self-influence AUROC, minority (groups 1, 2) vs majority (0, 3) training samples: "
+    si_line = ("Self-influence AUROC, minority (groups 1, 2) vs majority (0, 3) training samples: "
                + ", ".join(f"{a:.3f}" for a in aurocs) + f" (mean {statistics.fmean(aurocs):.3f})")
     print(table)
     print(si_line)
@@ -334,9 +348,10 @@ def main(argv=None):
         "runs": runs,
         "summary": summary,
         "claim_met_any_k_le_3": {
-            f"{t}/{m}/{split}": any(s["claim_met"] for s in summary
-                                    if (s["target"], s["mode"], s["split"]) == (t, m, split) and s["k"] <= 3)
-            for t in args.targets for m in args.modes for split in ("train", "test")
+            f"{t}/{m}{'' if sg is None else f'/sigma={sg}'}/{split}": any(
+                s["claim_met"] for s in summary
+                if (s["target"], s["mode"], s["sigma"], s["split"]) == (t, m, sg, split) and s["k"] <= 3)
+            for t in args.targets for m, sg in settings_of(rows) for split in ("train", "test")
         },
         "self_influence_auroc": {"per_seed": aurocs, "mean": statistics.fmean(aurocs)},
         "table_markdown": table,

@@ -499,6 +499,23 @@ def render_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def render_only(path: Path, render: Callable[[dict], str]) -> dict:
+    """``--render``: print the markdown table of an existing results file, measure nothing."""
+    data = json.loads(path.read_text())
+    print(render(data))
+    return data
+
+
+def select_device(args: argparse.Namespace) -> Tuple[torch.device, bool]:
+    """``args.device`` checked for CUDA, with TF32 allowed for every method unless ``--no-tf32``."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    tf32 = not args.no_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return torch.device(args.device), tf32
+
+
 def write_json(path: Path, data: dict) -> None:
     """Write atomically (``*.tmp`` then rename), so a killed run never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -567,17 +584,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     if args.render is not None:
-        data = json.loads(args.render.read_text())
-        print(render_table(data))
-        return data
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
-    device = torch.device(args.device)
+        return render_only(args.render, render_table)
+    device, tf32 = select_device(args)
     # Opacus and BackPACK hook modules whose inputs need no grad (the first layer); harmless.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    tf32 = not args.no_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
     env = environment(device)
     data = {
         "benchmark": "scoring_throughput",

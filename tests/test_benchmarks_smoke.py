@@ -144,3 +144,25 @@ def test_gemm_shapes_are_the_models_layers(gemm, scoring):
         with torch.no_grad():
             model(torch.randn((1,) + tuple(spec["shape"](False))))
     assert listed == seen
+
+
+@pytest.mark.parametrize("model", ["small_cnn", "mlp"])
+def test_memorization_tiny_summarizes_every_setting(model, tmp_path, one_thread):
+    memo = _load("memorization_synth")
+    out = tmp_path / "m.json"
+    data = memo.main(["--tiny", "--model", model, "--modes", "random_init", "zero", "--sigmas", "init", "0.01",
+                      "--ks", "1", "2", "--out", str(out), "--threads", "1"])
+    assert json.loads(out.read_text())["summary"] == data["summary"]
+    # every (target, mode, sigma, k, split) appears once; deterministic modes carry no sigma
+    keys = [(s["target"], s["mode"], s["sigma"], s["k"], s["split"]) for s in data["summary"]]
+    settings = [("random_init", "init"), ("random_init", 0.01), ("zero", None)]
+    assert sorted(keys, key=str) == sorted(
+        [(t, m, sg, k, sp) for t in (1, 2) for m, sg in settings for k in (1, 2) for sp in ("train", "test")], key=str)
+    for s in data["summary"]:
+        claim = (s["target_drop"] >= 10 and s["target_drop"] >= 3 * max(s["majority_drop"].values())
+                 and s["target_drop"] >= 3 * s["control_target_drop"])
+        assert s["claim_met"] == claim
+    assert set(data["claim_met_any_k_le_3"]) == {
+        f"{t}/{m}{'' if sg is None else f'/sigma={sg}'}/{sp}" for t in (1, 2) for m, sg in settings
+        for sp in ("train", "test")}
+    assert 0.0 <= data["self_influence_auroc"]["mean"] <= 1.0

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from spurfast.data import SynthWaterbirds  # noqa: E402
+from spurfast.interventions import intervene  # noqa: E402
 from spurfast.metrics import evaluate  # noqa: E402
 from spurfast.models import MLP, SmallCNN  # noqa: E402
 from spurfast.scores import auroc, group_gradient, localize, self_influence, top_samples  # noqa: E402
@@ -76,6 +77,9 @@ def parse_args(argv=None):
                    help="for random_init/random_noise: 'init' (the layer's default-init std) and/or floats")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--exclude-extra", nargs="*", default=[], help="more layer patterns to exclude")
+    p.add_argument("--oracle", action="store_true",
+                   help="also zero every eligible unit alone and report where the units that hurt a minority "
+                        "group most (and only it) rank by the group-gradient score")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=None,
                    help="folder for trained models (final + TracIn checkpoints, ~1 MB per seed); reused when settings match")
@@ -164,6 +168,56 @@ def pct(x):
     return None if x is None or x != x else round(100 * x, 2)
 
 
+def spearman(a, b):
+    """Spearman rank correlation of two equal-length sequences (average ranks for ties)."""
+    def ranks(x):
+        x = torch.tensor(x, dtype=torch.float64)
+        order = x.argsort()
+        r = torch.empty_like(x)
+        r[order] = torch.arange(len(x), dtype=torch.float64)
+        for v in x.unique():  # ties share their mean rank
+            tie = x == v
+            r[tie] = r[tie].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
+
+
+def oracle(args, model, scores, train, exclude, before_train):
+    """Zero each eligible unit alone; per minority target, how the score ranks the units that hurt it.
+
+    A unit is *group-specific* for target g when zeroing it alone drops g's training accuracy by
+    >= 10 points and by >= 3x the larger majority-group drop (the claim without its random
+    control, which a single deterministic ablation has no use for).
+    """
+    units = localize(scores, k=10**9, group=args.targets[0], exclude=exclude, per_layer=True)  # every eligible unit
+    drops = {}
+    for unit in units:
+        with intervene(model, [unit], "zero"):
+            after = evaluate(model, train, num_groups=4, batch_size=2048).group_acc.tolist()
+        drops[(unit.layer, unit.channel)] = [100 * (b - a) for b, a in zip(before_train, after)]
+    out = {}
+    for target in args.targets:
+        ranking = [(u.layer, u.channel) for u in localize(scores, k=len(units), group=target, exclude=exclude)]
+        rank = {u: i for i, u in enumerate(ranking)}
+        specific = sorted(
+            (u for u, d in drops.items() if d[target] >= 10 and d[target] >= 3 * max(d[g] for g in MAJORITY)),
+            key=lambda u: -drops[u][target],
+        )
+        out[target] = {
+            "units": len(units),
+            "group_specific_units": len(specific),
+            "best_specific": [{"unit": f"{u[0]}:{u[1]}", "drop": [round(d, 1) for d in drops[u]], "score_rank": rank[u]}
+                              for u in specific[:5]],
+            "score_top3": [{"unit": f"{u[0]}:{u[1]}", "drop": [round(d, 1) for d in drops[u]]} for u in ranking[:3]],
+            "spearman_score_vs_target_drop": spearman(
+                [float(scores[u[0]][target, u[1]]) for u in ranking], [drops[u][target] for u in ranking]),
+        }
+    return out
+
+
 def run_seed(args, seed, train, test):
     t0 = time.perf_counter()
     model, ckpts, ck_epochs, info = get_model(args, seed, train, test)
@@ -187,6 +241,7 @@ def run_seed(args, seed, train, test):
         for r in result.rows:
             rows.append(dict(r, seed=seed, target=target))
     trace_seconds = time.perf_counter() - t_trace
+    oracle_result = oracle(args, model, scores, train, exclude, before["train"]) if args.oracle else None
 
     # Per-sample memorization: TracIn self-influence over the epoch checkpoints.
     t_si = time.perf_counter()
@@ -227,6 +282,7 @@ def run_seed(args, seed, train, test):
         "selected_per_group": [len(scores.extra["selected"][g]) for g in range(4)],
         "localized": {str(t): u for t, u in localized.items()},
         "self_influence": si,
+        "oracle": oracle_result,
         "seconds": {
             "total": round(time.perf_counter() - t0, 1), "score": round(score_seconds, 2),
             "trace": round(trace_seconds, 1), "self_influence": round(si_seconds, 1),
@@ -291,6 +347,23 @@ def markdown(summary):
     return "\n".join(lines)
 
 
+def oracle_markdown(args, runs):
+    lines = [
+        "| seed | target | group-specific units / eligible | best specific units: drops g0/g1/g2/g3 (rank by score) "
+        "| score's top-3: target drop each | Spearman(score, target drop) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        for target in args.targets:
+            o = run["oracle"][target]
+            best = "; ".join(f"{b['unit']}: {'/'.join(f'{d:.0f}' for d in b['drop'])} (#{b['score_rank'] + 1})"
+                             for b in o["best_specific"][:3]) or "none"
+            top = ", ".join(f"{t['drop'][target]:.1f}" for t in o["score_top3"])
+            lines.append(f"| {run['seed']} | {target} | {o['group_specific_units']} / {o['units']} | {best} | {top} "
+                         f"| {o['spearman_score_vs_target_drop']:.2f} |")
+    return "\n".join(lines)
+
+
 def plot(args, rows, path):
     """Train-accuracy change per group vs k, mean over seeds; one panel per (mode, target)."""
     merged = {}
@@ -328,6 +401,9 @@ def main(argv=None):
                + ", ".join(f"{a:.3f}" for a in aurocs) + f" (mean {statistics.fmean(aurocs):.3f})")
     print(table)
     print(si_line)
+    oracle_table = oracle_markdown(args, runs) if args.oracle else None
+    if oracle_table:
+        print(oracle_table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")
     try:
@@ -355,6 +431,7 @@ def main(argv=None):
         },
         "self_influence_auroc": {"per_seed": aurocs, "mean": statistics.fmean(aurocs)},
         "table_markdown": table,
+        "oracle_table_markdown": oracle_table,
         "plot": None if png is None else png.name,
         "trace_rows": rows,
         "total_seconds": round(time.perf_counter() - t0, 1),

@@ -151,7 +151,7 @@ def test_memorization_tiny_summarizes_every_setting(model, tmp_path, one_thread)
     memo = _load("memorization_synth")
     out = tmp_path / "m.json"
     data = memo.main(["--tiny", "--model", model, "--modes", "random_init", "zero", "--sigmas", "init", "0.01",
-                      "--ks", "1", "2", "--out", str(out), "--threads", "1"])
+                      "--ks", "1", "2", "--oracle", "--out", str(out), "--threads", "1"])
     assert json.loads(out.read_text())["summary"] == data["summary"]
     # every (target, mode, sigma, k, split) appears once; deterministic modes carry no sigma
     keys = [(s["target"], s["mode"], s["sigma"], s["k"], s["split"]) for s in data["summary"]]
@@ -166,3 +166,9 @@ def test_memorization_tiny_summarizes_every_setting(model, tmp_path, one_thread)
         f"{t}/{m}{'' if sg is None else f'/sigma={sg}'}/{sp}" for t in (1, 2) for m, sg in settings
         for sp in ("train", "test")}
     assert 0.0 <= data["self_influence_auroc"]["mean"] <= 1.0
+    # the oracle zeroes every eligible unit: all conv channels / hidden neurons, not the classifier
+    eligible = 4 + 8 + 16 + 16 if model == "small_cnn" else 16 + 16
+    for target in (1, 2):
+        o = data["runs"][0]["oracle"][target]
+        assert o["units"] == eligible and 0 <= o["group_specific_units"] <= eligible
+        assert len(o["score_top3"]) == 3

@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="small_cnn", choices=["small_cnn", "mlp"])
     p.add_argument("--width", type=int, default=16, help="SmallCNN: channels of the first block")
     p.add_argument("--hidden", type=int, nargs="+", default=[512, 512], help="MLP: hidden widths")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"])
@@ -80,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--oracle", action="store_true",
                    help="also zero every eligible unit alone and report where the units that hurt a minority "
                         "group most (and only it) rank by the group-gradient score")
+    p.add_argument("--no-self-influence", action="store_true", help="skip the TracIn self-influence part")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=None,
                    help="folder for trained models (final + TracIn checkpoints, ~1 MB per seed); reused when settings match")
@@ -218,33 +219,8 @@ def oracle(args, model, scores, train, exclude, before_train):
     return out
 
 
-def run_seed(args, seed, train, test):
-    t0 = time.perf_counter()
-    model, ckpts, ck_epochs, info = get_model(args, seed, train, test)
-    model.eval()
-    before = {
-        name: evaluate(model, ds, num_groups=4).group_acc.tolist() for name, ds in (("train", train), ("test", test))
-    }
-    t_score = time.perf_counter()
-    scores = group_gradient(model, train, num_groups=4, hardest=args.hardest)
-    score_seconds = time.perf_counter() - t_score
-    exclude = ("bn", "downsample", "shortcut", "<classifier>") + tuple(args.exclude_extra)
-    rows, localized = [], {}
-    t_trace = time.perf_counter()
-    for target in args.targets:
-        units = localize(scores, k=max(args.ks), group=target, exclude=exclude)
-        localized[target] = [(u.layer, u.channel) for u in units]
-        result = trace(
-            model, units, {"train": train, "test": test}, modes=args.modes, sigmas=args.sigmas,
-            repeats=args.repeats, ks=args.ks, num_groups=4, seed=1000 * seed, batch_size=2048,
-        )
-        for r in result.rows:
-            rows.append(dict(r, seed=seed, target=target))
-    trace_seconds = time.perf_counter() - t_trace
-    oracle_result = oracle(args, model, scores, train, exclude, before["train"]) if args.oracle else None
-
-    # Per-sample memorization: TracIn self-influence over the epoch checkpoints.
-    t_si = time.perf_counter()
+def self_influence_report(args, model, train, ckpts, ck_epochs, localized):
+    """Per-sample memorization: TracIn self-influence over the epoch checkpoints, and AUROCs."""
     weights = tracin_weights(args, ck_epochs)
     influence = self_influence(model, train, ckpts, weights)
     final_only = self_influence(model, train)
@@ -272,12 +248,42 @@ def run_seed(args, seed, train, test):
                 f"{u[0]}:{u[1]}": float(minority[tops[tuple(u)][0]].double().mean()) for u in units
             },
         }
+    return si
+
+
+def run_seed(args, seed, train, test):
+    t0 = time.perf_counter()
+    model, ckpts, ck_epochs, info = get_model(args, seed, train, test)
+    model.eval()
+    before = {
+        name: evaluate(model, ds, num_groups=4).group_acc.tolist() for name, ds in (("train", train), ("test", test))
+    }
+    t_score = time.perf_counter()
+    scores = group_gradient(model, train, num_groups=4, hardest=args.hardest)
+    score_seconds = time.perf_counter() - t_score
+    exclude = ("bn", "downsample", "shortcut", "<classifier>") + tuple(args.exclude_extra)
+    rows, localized = [], {}
+    t_trace = time.perf_counter()
+    for target in args.targets:
+        units = localize(scores, k=max(args.ks), group=target, exclude=exclude)
+        localized[target] = [(u.layer, u.channel) for u in units]
+        result = trace(
+            model, units, {"train": train, "test": test}, modes=args.modes, sigmas=args.sigmas,
+            repeats=args.repeats, ks=args.ks, num_groups=4, seed=1000 * seed, batch_size=2048,
+        )
+        for r in result.rows:
+            rows.append(dict(r, seed=seed, target=target))
+    trace_seconds = time.perf_counter() - t_trace
+    oracle_result = oracle(args, model, scores, train, exclude, before["train"]) if args.oracle else None
+
+    t_si = time.perf_counter()
+    si = None if args.no_self_influence else self_influence_report(args, model, train, ckpts, ck_epochs, localized)
     si_seconds = time.perf_counter() - t_si
     return {
         "seed": seed,
         "model": info,
         "tracin_epochs": ck_epochs,
-        "tracin_lr_weights": weights,
+        "tracin_lr_weights": tracin_weights(args, ck_epochs),
         "before_group_acc": {k: [pct(a) for a in v] for k, v in before.items()},
         "selected_per_group": [len(scores.extra["selected"][g]) for g in range(4)],
         "localized": {str(t): u for t, u in localized.items()},
@@ -391,13 +397,15 @@ def main(argv=None):
         run, seed_rows = run_seed(args, seed, train, test)
         runs.append(run)
         rows += seed_rows
+        si = run["self_influence"]
         print(f"seed {seed}: before train {run['before_group_acc']['train']} test {run['before_group_acc']['test']}; "
               f"localized {run['localized']}; self-influence AUROC "
-              f"{run['self_influence']['auroc_minority_vs_majority']:.3f}; {run['seconds']}", flush=True)
+              f"{'-' if si is None else round(si['auroc_minority_vs_majority'], 3)}; {run['seconds']}", flush=True)
     summary = summarize(args, rows)
     table = markdown(summary)
-    aurocs = [r["self_influence"]["auroc_minority_vs_majority"] for r in runs]
-    si_line = ("Self-influence AUROC, minority (groups 1, 2) vs majority (0, 3) training samples: "
+    aurocs = [r["self_influence"]["auroc_minority_vs_majority"] for r in runs if r["self_influence"]]
+    si_line = "Self-influence: skipped" if not aurocs else (
+        "Self-influence AUROC, minority (groups 1, 2) vs majority (0, 3) training samples: "
                + ", ".join(f"{a:.3f}" for a in aurocs) + f" (mean {statistics.fmean(aurocs):.3f})")
     print(table)
     print(si_line)
@@ -429,7 +437,7 @@ def main(argv=None):
                 if (s["target"], s["mode"], s["sigma"], s["split"]) == (t, m, sg, split) and s["k"] <= 3)
             for t in args.targets for m, sg in settings_of(rows) for split in ("train", "test")
         },
-        "self_influence_auroc": {"per_seed": aurocs, "mean": statistics.fmean(aurocs)},
+        "self_influence_auroc": {"per_seed": aurocs, "mean": statistics.fmean(aurocs)} if aurocs else None,
         "table_markdown": table,
         "oracle_table_markdown": oracle_table,
         "plot": None if png is None else png.name,

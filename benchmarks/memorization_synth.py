@@ -4,16 +4,19 @@ For each training seed: train ``SmallCNN`` by ERM (the settings of
 ``benchmarks/erm_synth_waterbirds.py``, which fit every training group), score every conv
 channel with the group-gradient score (one NeuronStats pass), localize the top-k channels
 (k = 1, 2, 3; BatchNorm and the final classifier excluded) for each minority group, and
-re-initialise them (``random_init`` from N(0, sigma^2), sigma = the layer's default-init std;
-and ``zero``), 10 seeded draws, against a random-units control of the same size and layer
-distribution. Readout: per-group train and test accuracy change. Also: per-sample TracIn
-self-influence from the epoch checkpoints, and its AUROC for minority vs majority samples.
+intervene on them (``--modes``: ``random_init`` from N(0, sigma^2) for each of ``--sigmas``,
+"init" = the layer's default-init std; ``zero``; ...), 10 seeded draws, against a random-units
+control of the same size and layer distribution. Readout: per-group train and test accuracy
+change. Also: per-sample TracIn self-influence from the epoch checkpoints and its AUROC for
+minority vs majority samples, and with ``--oracle`` every eligible unit zeroed alone, to see
+where the units that hurt one minority group (and not the majority) rank by the score.
 
 Claim checked (per minority target group g and k <= 3, means over seeds): re-initialising the
 top-k units drops g's accuracy by >= 10 points and by >= 3x both the larger majority-group drop
 and the random control's drop of g.
 
-    python benchmarks/memorization_synth.py                 # the committed run (CPU, 2 threads)
+    python benchmarks/memorization_synth.py --modes random_init zero --sigmas init 0.01 0.1 --oracle
+                                                            # the committed run (CPU, 2 threads)
     python benchmarks/memorization_synth.py --tiny --out /tmp/m.json   # plumbing check
 
 Models are retrained by default (about a minute per seed on an idle 2-core CPU); ``--cache DIR``

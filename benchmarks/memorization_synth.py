@@ -48,7 +48,9 @@ from spurfast.data import SynthWaterbirds  # noqa: E402
 from spurfast.interventions import intervene  # noqa: E402
 from spurfast.metrics import evaluate  # noqa: E402
 from spurfast.models import MLP, SmallCNN  # noqa: E402
-from spurfast.scores import auroc, group_gradient, localize, self_influence, top_samples  # noqa: E402
+from spurfast.scores import (  # noqa: E402
+    auroc, average_ranks, group_gradient, localize, self_influence, top_samples,
+)
 from spurfast.train import checkpoint_path, erm, load_checkpoint  # noqa: E402
 from spurfast.trace import TraceResult, trace  # noqa: E402
 
@@ -174,16 +176,7 @@ def pct(x):
 
 def spearman(a, b):
     """Spearman rank correlation of two equal-length sequences (average ranks for ties)."""
-    def ranks(x):
-        x = torch.tensor(x, dtype=torch.float64)
-        order = x.argsort()
-        r = torch.empty_like(x)
-        r[order] = torch.arange(len(x), dtype=torch.float64)
-        for v in x.unique():  # ties share their mean rank
-            tie = x == v
-            r[tie] = r[tie].mean()
-        return r
-    ra, rb = ranks(a), ranks(b)
+    ra, rb = average_ranks(torch.tensor(a)), average_ranks(torch.tensor(b))
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = float(ra.norm() * rb.norm())
     return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
@@ -222,9 +215,8 @@ def oracle(args, model, scores, train, exclude, before_train):
     return out
 
 
-def self_influence_report(args, model, train, ckpts, ck_epochs, localized):
+def self_influence_report(args, model, train, ckpts, weights, localized):
     """Per-sample memorization: TracIn self-influence over the epoch checkpoints, and AUROCs."""
-    weights = tracin_weights(args, ck_epochs)
     influence = self_influence(model, train, ckpts, weights)
     final_only = self_influence(model, train)
     minority = (train.group_ids == 1) | (train.group_ids == 2)
@@ -279,14 +271,15 @@ def run_seed(args, seed, train, test):
     trace_seconds = time.perf_counter() - t_trace
     oracle_result = oracle(args, model, scores, train, exclude, before["train"]) if args.oracle else None
 
+    weights = tracin_weights(args, ck_epochs)
     t_si = time.perf_counter()
-    si = None if args.no_self_influence else self_influence_report(args, model, train, ckpts, ck_epochs, localized)
+    si = None if args.no_self_influence else self_influence_report(args, model, train, ckpts, weights, localized)
     si_seconds = time.perf_counter() - t_si
     return {
         "seed": seed,
         "model": info,
         "tracin_epochs": ck_epochs,
-        "tracin_lr_weights": tracin_weights(args, ck_epochs),
+        "tracin_lr_weights": weights,
         "before_group_acc": {k: [pct(a) for a in v] for k, v in before.items()},
         "selected_per_group": [len(scores.extra["selected"][g]) for g in range(4)],
         "localized": {str(t): u for t, u in localized.items()},

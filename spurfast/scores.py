@@ -721,6 +721,17 @@ def localize(
 
 
 # ---------------------------------------------------------------------- evaluation helpers
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks ``[N]`` float64 of ``values`` ``[N]``, tied values sharing their mean rank."""
+    values = torch.as_tensor(values).double().flatten()
+    order = torch.argsort(values)
+    _, inverse, counts = torch.unique_consecutive(values[order], return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = torch.empty_like(values)
+    ranks[order] = (ends - (counts.double() - 1) / 2)[inverse]
+    return ranks
+
+
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     """Area under the ROC curve of ``scores`` ``[N]`` for the boolean labels ``positive`` ``[N]``.
 
@@ -740,16 +751,7 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError("positive must contain both positive and negative samples")
-    order = torch.argsort(scores)
-    sorted_scores = scores[order]
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64)
-    # average the ranks of tied scores
-    unique, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    mean_rank = ends - (counts.double() - 1) / 2
-    ranks[order] = mean_rank[inverse]
-    rank_sum = ranks[positive].sum().item()
+    rank_sum = average_ranks(scores)[positive].sum().item()
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 

@@ -292,6 +292,15 @@ def test_auroc_matches_pairwise_count():
         S.auroc(torch.tensor([1.0, 2.0]), torch.tensor([True, True]))
 
 
+
+def test_average_ranks_count_smaller_and_half_the_ties():
+    gen = torch.Generator().manual_seed(1)
+    values = torch.randint(0, 5, (40,), generator=gen).double()  # many ties
+    smaller = (values[None, :] < values[:, None]).double().sum(1)
+    tied = (values[None, :] == values[:, None]).double().sum(1)  # includes itself
+    assert torch.equal(S.average_ranks(values), smaller + (tied + 1) / 2)
+
+
 def test_dataset_forms_agree():
     model = small_cnn()
     x, y, g = toy_data(n=16)

@@ -45,14 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from spurfast.data import SynthWaterbirds  # noqa: E402
-from spurfast.interventions import intervene  # noqa: E402
 from spurfast.metrics import evaluate  # noqa: E402
 from spurfast.models import MLP, SmallCNN  # noqa: E402
-from spurfast.scores import (  # noqa: E402
+from spurfast.attribution import (  # noqa: E402
+    TraceResult, intervene, trace,
     auroc, average_ranks, group_gradient, localize, self_influence, top_samples,
 )
 from spurfast.train import checkpoint_path, erm, load_checkpoint  # noqa: E402
-from spurfast.trace import TraceResult, trace  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_OUT = RESULTS / "memorization_synth.json"

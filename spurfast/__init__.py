@@ -10,8 +10,9 @@ Public API (everything else is internal)::
 from spurfast import ops
 from spurfast._extension import build_info
 from spurfast.capture import NeuronStats
-from spurfast.interventions import Intervention, intervene
-from spurfast.scores import (
+from spurfast.attribution import (
+    Intervention,
+    intervene,
     NeuronScores,
     Unit,
     activation_contrast,

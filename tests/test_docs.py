@@ -13,11 +13,17 @@ DOCTEST_MODULES = [
     "spurfast.ops.linear_grad_stats",
     "spurfast.ops.conv_grad_stats",
     "spurfast.ops.activation_stats",
-    "spurfast.scores",
-    "spurfast.interventions",
-    "spurfast.data",
+    "spurfast.attribution.scores",
+    "spurfast.attribution.localize",
+    "spurfast.attribution.influence",
+    "spurfast.attribution.interventions",
+    "spurfast.attribution.trace",
+    "spurfast.data.synth",
+    "spurfast.data.patterns",
+    "spurfast.data.transforms",
     "spurfast.metrics",
-    "spurfast.train",
+    "spurfast.train.erm",
+    "spurfast.train.checkpoints",
 ]
 
 

@@ -1,12 +1,12 @@
-"""spurfast.interventions: what each mode writes, bit-exact restoration, seeding, validation."""
+"""spurfast.attribution.interventions: what each mode writes, bit-exact restoration, seeding, validation."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from spurfast import interventions as I
-from spurfast.scores import Unit, unstructured_threshold
+from spurfast import attribution as I
+from spurfast.attribution import Unit, unstructured_threshold
 
 
 def model_and_reference(seed=0):

@@ -1,4 +1,4 @@
-"""spurfast.scores against direct plain-torch computations on small models."""
+"""spurfast.attribution (scores, localize, influence) against direct plain-torch computations on small models."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from spurfast import scores as S
+from spurfast import attribution as S
 
 
 def small_cnn(seed=0):

@@ -1,4 +1,4 @@
-"""spurfast.trace on a tiny model whose per-group accuracies are known by hand."""
+"""spurfast.attribution.trace on a tiny model whose per-group accuracies are known by hand."""
 import csv
 import importlib
 import json
@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 # spurfast/__init__.py re-exports the function `trace`, which shadows the submodule attribute
-T = importlib.import_module("spurfast.trace")
+T = importlib.import_module("spurfast.attribution.trace")
 
 
 def tiny_model():

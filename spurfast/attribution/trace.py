@@ -19,9 +19,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from spurfast.interventions import MODES, intervene, random_units_like
+from spurfast.attribution.interventions import MODES, intervene, random_units_like
 from spurfast.metrics import group_accuracy
-from spurfast.scores import Unit, _as_units, as_tensors, predict_logits, scoring_state
+from spurfast.attribution.scores import _as_units, as_tensors, predict_logits, scoring_state
 
 _RANDOM_MODES = ("random_init", "random_noise")
 COLUMNS = (
@@ -176,8 +176,8 @@ def trace(
     Args:
         model: the trained model; evaluated in eval mode, left exactly as found.
         units: ranked ``(layer, channel)`` units, best first (e.g. from
-            :func:`spurfast.scores.localize`); intervention k uses ``units[:k]``.
-        loaders: ``{split name: dataset}`` (anything :func:`spurfast.scores.as_tensors`
+            :func:`spurfast.attribution.localize`); intervention k uses ``units[:k]``.
+        loaders: ``{split name: dataset}`` (anything :func:`spurfast.attribution.scores.as_tensors`
             accepts), e.g. ``{"train": train_set, "test": test_set}``.
         modes: intervention modes (``"unstructured"`` is not unit-based and not traced here).
         sigmas: for random modes, each sigma (float or ``"init"``) is a separate setting;
@@ -192,7 +192,7 @@ def trace(
 
     Example::
 
-        >>> import torch, torch.nn as nn, spurfast.trace as T
+        >>> import torch, torch.nn as nn, spurfast.attribution as T
         >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
         >>> data = (torch.randn(20, 4), torch.randint(0, 2, (20,)), torch.arange(20) % 2)
@@ -204,7 +204,7 @@ def trace(
         if m not in MODES:
             raise ValueError(f"modes: unknown mode {m!r}; expected one of {MODES}")
         if m == "unstructured":
-            raise ValueError("modes: 'unstructured' takes masks, not units; use spurfast.interventions.intervene")
+            raise ValueError("modes: 'unstructured' takes masks, not units; use spurfast.attribution.intervene")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     units = _as_units(units)

@@ -18,9 +18,8 @@ model exactly as they found it: its train/eval flags, its weights and every para
   statistics: per group, the mean per-sample squared gradient norm of each neuron (and its
   variance), and the per-group activation mean/variance; contrasts minority vs majority.
 * :func:`unstructured_threshold` -- boolean masks of the weights with the largest ``|w|``.
-* :func:`self_influence`, :func:`top_samples` -- TracIn-style per-sample self-influence
-  ``sum_t lr_t ||dl_n/dW||^2`` over checkpoints, overall or restricted to chosen neurons.
-* :func:`localize` -- global greedy top-k units ``(layer, channel)`` from any score.
+* per-sample self-influence lives in :mod:`spurfast.attribution.influence`, the top-k
+  units of a score in :mod:`spurfast.attribution.localize`.
 * :func:`auroc` -- rank-based area under the ROC curve, to check a per-sample score.
 """
 from __future__ import annotations
@@ -28,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict
-from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -62,7 +61,7 @@ class NeuronScores(Mapping[str, torch.Tensor]):
 
     Example::
 
-        >>> import torch.nn as nn, spurfast.scores as S
+        >>> import torch.nn as nn, spurfast.attribution as S
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> scores = S.magnitude(model)
         >>> list(scores), scores["0"].shape, scores.classifier
@@ -229,13 +228,35 @@ def _clear_grads(params: Sequence[torch.Tensor]) -> None:
         p.grad = None
 
 
+def _matches(name: str, pattern: str) -> bool:
+    """``pattern`` names ``name`` exactly, a parent of it, or starts one of its dotted parts."""
+    return name == pattern or name.startswith(pattern + ".") or any(p.startswith(pattern) for p in name.split("."))
+
+
+def _eligible(names: Sequence[str], exclude, classifier: Optional[str], arg: str) -> List[str]:
+    if isinstance(exclude, str):
+        raise ValueError(f"{arg} must be a sequence of patterns, not a single string")
+    patterns = list(exclude or ())
+    out = []
+    for name in names:
+        hit = False
+        for pattern in patterns:
+            if pattern == CLASSIFIER:
+                hit = hit or name == classifier
+            else:
+                hit = hit or _matches(name, pattern)
+        if not hit:
+            out.append(name)
+    return out
+
+
 # ---------------------------------------------------------------------- scores
 def magnitude(model: nn.Module, layers=None) -> NeuronScores:
     """``||W[c]||_2`` per neuron (bias excluded), ``[C]`` float64 per tracked layer.
 
     Example::
 
-        >>> import torch, torch.nn as nn, spurfast.scores as S
+        >>> import torch, torch.nn as nn, spurfast.attribution as S
         >>> lin = nn.Linear(2, 2, bias=False)
         >>> with torch.no_grad():
         ...     _ = lin.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
@@ -272,7 +293,7 @@ def group_gradient(
 
     Example::
 
-        >>> import torch, torch.nn as nn, spurfast.scores as S
+        >>> import torch, torch.nn as nn, spurfast.attribution as S
         >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> data = (torch.randn(40, 5), torch.randint(0, 2, (40,)), torch.arange(40) % 4)
@@ -347,7 +368,7 @@ def group_profile(
 
     Example::
 
-        >>> import torch, torch.nn as nn, spurfast.scores as S
+        >>> import torch, torch.nn as nn, spurfast.attribution as S
         >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> data = (torch.randn(40, 5), torch.randint(0, 2, (40,)), torch.arange(40) % 4)
@@ -475,11 +496,11 @@ def unstructured_threshold(
     The quantile is taken over the weights of the eligible layers (tracked layers minus
     ``exclude``, as in :func:`localize`); ties at the threshold are all kept. With
     ``subsample=p`` each selected weight is kept with probability p (seeded, drawn on CPU).
-    Returns ``{layer name: bool tensor shaped like its weight}`` for :func:`spurfast.interventions.intervene`.
+    Returns ``{layer name: bool tensor shaped like its weight}`` for :func:`spurfast.attribution.intervene`.
 
     Example::
 
-        >>> import torch, torch.nn as nn, spurfast.scores as S
+        >>> import torch, torch.nn as nn, spurfast.attribution as S
         >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2))
         >>> masks = S.unstructured_threshold(model, top_percent=5.0)
@@ -508,216 +529,12 @@ def unstructured_threshold(
     return masks
 
 
-# ---------------------------------------------------------------------- per-sample attribution
 def _as_units(units, arg: str = "units") -> List[Unit]:
     try:
         out = [Unit(str(layer), int(channel)) for layer, channel in units]
     except (TypeError, ValueError):
         raise ValueError(f"{arg} must be a sequence of (layer_name, channel) pairs") from None
     return out
-
-
-def self_influence(
-    model: nn.Module,
-    dataset,
-    checkpoints: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
-    lrs: Union[float, Sequence[float]] = 1.0,
-    *,
-    units=None,
-    per_unit: bool = False,
-    batch_size: int = 256,
-    backend: str = "auto",
-    layers=None,
-) -> torch.Tensor:
-    """TracIn-style self-influence of every sample: ``sum_t lr_t * ||dl_n/dW(theta_t)||^2``.
-
-    ``checkpoints``: state dicts of ``model`` (``None``: the current weights), each loaded in
-    turn; ``lrs``: the learning rate in effect at each (one number for all). The squared norm
-    runs over the weights (not biases) of every tracked layer, or only over the rows listed in
-    ``units``. Returns ``[N]`` float64 in dataset order, or ``[N, U]`` (one column per unit,
-    in the given order) with ``per_unit=True``. The model's weights, buffers, modes and
-    ``.grad`` are restored afterwards.
-
-    Example::
-
-        >>> import torch, torch.nn as nn, spurfast.scores as S
-        >>> _ = torch.manual_seed(0)
-        >>> model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> data = (torch.randn(40, 5), torch.randint(0, 2, (40,)), torch.arange(40) % 4)
-        >>> S.self_influence(model, data).shape
-        torch.Size([40])
-        >>> S.self_influence(model, data, units=[("0", 3), ("2", 1)], per_unit=True).shape
-        torch.Size([40, 2])
-    """
-    _check_batch_size(batch_size)
-    x, y, _ = as_tensors(dataset, "dataset")
-    if checkpoints is None:
-        checkpoints = [None]
-    elif isinstance(checkpoints, Mapping) or len(checkpoints) == 0:
-        raise ValueError("checkpoints must be None or a non-empty sequence of state dicts")
-    if isinstance(lrs, (int, float)) and not isinstance(lrs, bool):
-        lrs = [float(lrs)] * len(checkpoints)
-    lrs = [float(lr) for lr in lrs]
-    if len(lrs) != len(checkpoints):
-        raise ValueError(f"lrs must be one number or one per checkpoint ({len(checkpoints)}), got {len(lrs)}")
-    if units is not None:
-        units = _as_units(units)
-        if not units:
-            raise ValueError("units must not be empty")
-        known = tracked_layers(model, layers)
-        for u in units:
-            if u.layer not in known:
-                raise ValueError(f"units: layer {u.layer!r} is not a tracked layer of the model ({known})")
-        unit_layers = list(OrderedDict.fromkeys(u.layer for u in units))
-        modules = dict(model.named_modules())
-        for u in units:
-            c = modules[u.layer].weight.shape[0]
-            if not 0 <= u.channel < c:
-                raise ValueError(f"units: channel {u.channel} out of range for layer {u.layer!r} with {c} neurons")
-        layers = unit_layers
-    elif per_unit:
-        raise ValueError("per_unit=True needs units")
-    device = _model_device(model)
-    params = list(model.parameters())
-    n = x.shape[0]
-    width = len(units) if per_unit else 1
-    total = torch.zeros(n, width, dtype=torch.float64)
-    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    with scoring_state(model):
-        stats = NeuronStats(model, 1, loss_reduction="sum", backend=backend, layers=layers,
-                            track_group_grad=False, track_activations=False)
-        try:
-            for state, lr in zip(checkpoints, lrs):
-                if state is not None:
-                    model.load_state_dict(state)
-                for s in _batches(n, batch_size):
-                    zeros = torch.zeros(s.stop - s.start, dtype=torch.long, device=device)
-                    with stats.record(zeros):
-                        F.cross_entropy(model(x[s].to(device)), y[s].to(device), reduction="sum").backward()
-                    _clear_grads(params)
-                    if units is None:
-                        part = sum(t.double().sum(1).cpu() for t in stats.last_grad_sq.values()).unsqueeze(1)
-                    else:
-                        cols = torch.stack([stats.last_grad_sq[u.layer][:, u.channel].double().cpu() for u in units], 1)
-                        part = cols if per_unit else cols.sum(1, keepdim=True)
-                    total[s] += lr * part
-        finally:
-            stats.remove()
-            model.load_state_dict(original)
-    return total if per_unit else total.squeeze(1)
-
-
-def top_samples(
-    model: nn.Module,
-    dataset,
-    units,
-    k: int = 10,
-    checkpoints: Optional[Sequence[Mapping[str, torch.Tensor]]] = None,
-    lrs: Union[float, Sequence[float]] = 1.0,
-    **kwargs,
-) -> Dict[Unit, Tuple[torch.Tensor, torch.Tensor]]:
-    """For each unit, the ``k`` training samples that load it most.
-
-    A sample's load on a unit is its self-influence restricted to that unit's weight row
-    (:func:`self_influence` with ``per_unit=True``). Returns ``{unit: (indices [k] int64,
-    loads [k] float64)}``, largest load first.
-    """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    units = _as_units(units)
-    loads = self_influence(model, dataset, checkpoints, lrs, units=units, per_unit=True, **kwargs)
-    k = min(k, loads.shape[0])
-    out = {}
-    for j, u in enumerate(units):
-        values, indices = torch.topk(loads[:, j], k)
-        out[u] = (indices, values)
-    return out
-
-
-# ---------------------------------------------------------------------- localization
-def _matches(name: str, pattern: str) -> bool:
-    """``pattern`` names ``name`` exactly, a parent of it, or starts one of its dotted parts."""
-    return name == pattern or name.startswith(pattern + ".") or any(p.startswith(pattern) for p in name.split("."))
-
-
-def _eligible(names: Sequence[str], exclude, classifier: Optional[str], arg: str) -> List[str]:
-    if isinstance(exclude, str):
-        raise ValueError(f"{arg} must be a sequence of patterns, not a single string")
-    patterns = list(exclude or ())
-    out = []
-    for name in names:
-        hit = False
-        for pattern in patterns:
-            if pattern == CLASSIFIER:
-                hit = hit or name == classifier
-            else:
-                hit = hit or _matches(name, pattern)
-        if not hit:
-            out.append(name)
-    return out
-
-
-def localize(
-    scores: Union[NeuronScores, Mapping[str, torch.Tensor]],
-    k: int,
-    group: Optional[int] = None,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
-    per_layer: bool = False,
-) -> List[Unit]:
-    """The ``k`` highest-scoring neurons, as ``Unit(layer, channel)``, best first.
-
-    Global greedy top-k: every eligible neuron of every layer is ranked by its raw score
-    (ties: module order, then channel). ``per_layer=True`` takes the top ``k`` of each layer
-    instead (layers in module order, each best first). For grouped ``[G, C]`` scores,
-    ``group`` picks the row.
-
-    ``exclude``: patterns of layers never selected. A pattern matches a layer whose name
-    equals it, lies under it (``"layer1"`` matches ``"layer1.0.conv1"``), or has a dotted part
-    starting with it (``"bn"`` matches ``"layer1.0.bn1"``). :data:`CLASSIFIER` stands for the
-    final classifier (``scores.classifier``; for a plain dict, its last layer). Default
-    :data:`DEFAULT_EXCLUDE`; pass ``()`` to rank every layer.
-
-    Example::
-
-        >>> import torch, spurfast.scores as S
-        >>> scores = {"conv1": torch.tensor([0.1, 0.9]), "conv2": torch.tensor([0.5, 0.7, 0.2]),
-        ...           "fc": torch.tensor([9.0, 9.0])}
-        >>> S.localize(scores, k=3)
-        [Unit(layer='conv1', channel=1), Unit(layer='conv2', channel=1), Unit(layer='conv2', channel=0)]
-        >>> S.localize(scores, k=1, exclude=())
-        [Unit(layer='fc', channel=0)]
-    """
-    if not isinstance(scores, NeuronScores):
-        if not isinstance(scores, Mapping):
-            raise TypeError(f"scores must be NeuronScores or a dict of tensors, got {type(scores).__name__}")
-        values = {n: torch.as_tensor(t) for n, t in scores.items()}
-        scores = NeuronScores(values, "custom", classifier=list(values)[-1] if values else None)
-    if scores.grouped:
-        if group is None:
-            raise ValueError(f"group: {scores.kind} scores are per group ([G, C]); say which group to localize")
-        scores = scores.for_group(group)
-    elif group is not None:
-        raise ValueError(f"group: {scores.kind} scores are not per group; pass group=None")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    names = _eligible(scores.layer_names, exclude, scores.classifier, "exclude")
-    if not names:
-        raise ValueError(f"exclude={tuple(exclude)!r} removes every layer of {scores.layer_names}")
-    for n in names:
-        if torch.isnan(scores[n]).any():
-            raise ValueError(f"scores: layer {n!r} has NaN scores (a group with no samples?)")
-    if per_layer:
-        units = []
-        for n in names:
-            order = torch.sort(scores[n].double().cpu(), descending=True, stable=True).indices[:k]
-            units += [Unit(n, int(c)) for c in order]
-        return units
-    flat = torch.cat([scores[n].double().cpu().flatten() for n in names])
-    if k > flat.numel():
-        raise ValueError(f"k={k} exceeds the {flat.numel()} eligible neurons")
-    owner = [(n, c) for n in names for c in range(scores[n].numel())]
-    order = torch.sort(flat, descending=True, stable=True).indices[:k]
-    return [Unit(*owner[int(i)]) for i in order]
 
 
 # ---------------------------------------------------------------------- evaluation helpers
@@ -740,7 +557,7 @@ def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
 
     Example::
 
-        >>> import torch, spurfast.scores as S
+        >>> import torch, spurfast.attribution as S
         >>> S.auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([False, False, True, True]))
         0.75
     """

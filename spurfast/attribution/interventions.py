@@ -4,7 +4,7 @@
 handle: use it as a context manager (restored on exit, also after an exception) or call
 :meth:`Intervention.restore` yourself. Only the affected weights are snapshotted.
 
-Modes (``units`` are ``(layer_name, channel)`` pairs, e.g. from :func:`spurfast.scores.localize`):
+Modes (``units`` are ``(layer_name, channel)`` pairs, e.g. from :func:`spurfast.attribution.localize`):
 
 * ``"zero"``: ``W[c] = 0``.
 * ``"random_init"``: ``W[c] ~ N(0, sigma^2)``.
@@ -12,7 +12,7 @@ Modes (``units`` are ``(layer_name, channel)`` pairs, e.g. from :func:`spurfast.
 * ``"rewind"``: ``W[c]`` from an earlier state dict ``reference``.
 * ``"layer_rewind"``: the whole weight of every layer named in ``units`` from ``reference``.
 * ``"unstructured"``: the weights where ``masks[layer]`` is True (from
-  :func:`spurfast.scores.unstructured_threshold`) are zeroed, or drawn from ``N(0, sigma^2)``
+  :func:`spurfast.attribution.unstructured_threshold`) are zeroed, or drawn from ``N(0, sigma^2)``
   when ``sigma`` is given; ``units`` is not used.
 
 By default only weights are touched (the paper re-initialises a channel's weights); with
@@ -33,7 +33,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from spurfast.scores import Unit
+from spurfast.attribution.scores import Unit
 
 MODES = ("zero", "random_init", "random_noise", "rewind", "layer_rewind", "unstructured")
 _RANDOM = ("random_init", "random_noise")
@@ -196,7 +196,7 @@ def intervene(
 
     Example::
 
-        >>> import torch, torch.nn as nn, spurfast.interventions as I
+        >>> import torch, torch.nn as nn, spurfast.attribution as I
         >>> _ = torch.manual_seed(0)
         >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> before = model[0].weight.clone()

@@ -1,0 +1,47 @@
+"""Datasets with groups: an embedded spurious-correlation benchmark, a rare-pattern variant,
+and loaders for Waterbirds, CelebA and a user's own grouped images.
+
+Every dataset yields ``(image, label, group_id)`` with ``group_id = label * num_attrs + attr``
+(for two attributes: groups 0..3 = (y0, a0), (y0, a1), (y1, a0), (y1, a1)).
+
+* :class:`SynthWaterbirds` -- procedurally generated 3x32x32 images, no download: the label
+  is a foreground shape (ellipse/plus vs. triangle/square), the spurious attribute a textured
+  background ("land" vs. "water") that agrees with the label on ~95% of training images, in
+  Waterbirds' training proportions 3498 / 184 / 56 / 1057. Val/test are group-balanced.
+* :func:`add_pattern`, :class:`PatternedDataset`, :func:`spurious_score` -- the rare spurious
+  pattern setup of Yang et al. (2022): a fixed pattern added to ``n`` images of one class.
+* :class:`Waterbirds`, :class:`CelebA`, :class:`GroupedCSVDataset`,
+  :class:`GroupedImageFolder` -- image files on disk, read through PIL with ImageNet-style
+  transforms (:func:`imagenet_eval_transform`, :func:`imagenet_train_transform`).
+"""
+from __future__ import annotations
+from spurfast.data._common import SPLITS, SYNTH_GROUP_NAMES, WATERBIRDS_TRAIN_COUNTS, DatasetFileError
+from spurfast.data.folders import CelebA, GroupedCSVDataset, GroupedFileDataset, GroupedImageFolder, Waterbirds
+from spurfast.data.patterns import PATTERNS, PatternedDataset, add_pattern, spurious_score
+from spurfast.data.synth import SynthWaterbirds
+from spurfast.data.transforms import (
+    ImageNetEvalTransform,
+    ImageNetTrainTransform,
+    imagenet_eval_transform,
+    imagenet_train_transform,
+)
+
+__all__ = [
+    "SynthWaterbirds",
+    "WATERBIRDS_TRAIN_COUNTS",
+    "PATTERNS",
+    "add_pattern",
+    "PatternedDataset",
+    "spurious_score",
+    "imagenet_eval_transform",
+    "imagenet_train_transform",
+    "ImageNetEvalTransform",
+    "ImageNetTrainTransform",
+    "Waterbirds",
+    "CelebA",
+    "GroupedCSVDataset",
+    "GroupedImageFolder",
+    "GroupedFileDataset",
+    "DatasetFileError",
+]
+

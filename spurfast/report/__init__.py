@@ -1,0 +1,1 @@
+"""Results, plots, the HTML report and run folders."""

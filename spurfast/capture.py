@@ -25,6 +25,7 @@ Semantics, per tracked layer and recorded batch of B samples:
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections import OrderedDict
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from spurfast._extension import warn_once
 from spurfast.ops._common import check_group_ids, reduce_per_sample_grad
 from spurfast.ops.activation_stats import activation_stats, merge_group_moments
-from spurfast.ops.conv_grad_stats import conv2d_per_sample_grad, conv_grad_stats
+from spurfast.ops.conv_grad_stats import conv2d_per_sample_grad, conv_grad_stats, conv_padding
 from spurfast.ops.linear_grad_stats import as_tokens, linear_grad_stats, linear_per_sample_grad
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -70,6 +71,7 @@ class _Batch:
         self.num_groups = num_groups
         self.grad_scale = grad_scale
         self.closed = False
+        self.forward_calls = 0  # tracked-layer forwards run inside the block, with or without grad
         self._ids_on: Dict[torch.device, torch.Tensor] = {}
         self.grad_calls: Dict[str, int] = {}  # forward calls that will receive a backward
         self.grad_received: Dict[str, int] = {}
@@ -137,8 +139,8 @@ class NeuronStats:
             default) or ``"sum"``; decides the rescaling to per-sample losses ``l_n``.
         backend: ``"auto"``, ``"torch"`` or ``"cpp"``; see :func:`spurfast.build_info`.
         layers: names or modules to track; default every supported layer whose weight
-            requires grad (children of ``nn.MultiheadAttention`` are skipped: it uses their
-            weights without calling them).
+            requires grad. Children of ``nn.MultiheadAttention`` (``out_proj``) are skipped by
+            default and rejected when named: it uses their weights without calling them.
         track_group_grad: keep ``group_grad`` (``G * |W|`` memory per layer).
         track_activations: keep activation statistics.
 
@@ -191,14 +193,14 @@ class NeuronStats:
     def _select_layers(model: nn.Module, layers) -> "OrderedDict[str, _Layer]":
         named = OrderedDict(model.named_modules())
         name_of = {id(m): n for n, m in named.items()}
-        skipped = set()
+        attention_of: Dict[int, str] = {}  # child module -> name of the nn.MultiheadAttention holding it
         for n, m in named.items():
             if isinstance(m, nn.MultiheadAttention):
-                skipped.update(id(c) for c in m.modules() if c is not m)
+                attention_of.update((id(c), n) for c in m.modules() if c is not m)
         if layers is None:
             chosen = [
                 n for n, m in named.items()
-                if _kind(m) is not None and id(m) not in skipped and m.weight.requires_grad
+                if _kind(m) is not None and id(m) not in attention_of and m.weight.requires_grad
             ]
         else:
             if isinstance(layers, (str, nn.Module)):
@@ -209,6 +211,15 @@ class NeuronStats:
                 if n is None or n not in named:
                     raise ValueError(f"layer {item!r} is not a submodule of the model")
                 m = named[n]
+                if id(m) in attention_of:
+                    owner = attention_of[id(m)]
+                    raise ValueError(
+                        f"layer {n!r} belongs to nn.MultiheadAttention "
+                        f"{repr(owner) if owner else '(the model itself)'}, which uses its weight directly "
+                        "(F.multi_head_attention_forward) without calling the layer, so spurfast would never see "
+                        "it run and would record nothing; track other layers (the default selection skips "
+                        "attention children), or build the attention from nn.Linear projections it calls"
+                    )
                 if _kind(m) is None:
                     raise TypeError(
                         f"layer {n!r} ({type(m).__name__}) is not supported: spurfast tracks nn.Linear, "
@@ -228,7 +239,8 @@ class NeuronStats:
         result: "OrderedDict[str, _Layer]" = OrderedDict()
         for n in chosen:
             m = named[n]
-            if "forward" in vars(m):
+            # An open record() of another NeuronStats replaces forward only until its block exits.
+            if "forward" in vars(m) and _recorded_by(m) is None:
                 raise ValueError(f"layer {n!r} has its forward replaced on the instance; spurfast cannot track it")
             shared = [o for o in owners[id(m.weight)] if o != n]
             if shared:
@@ -341,11 +353,16 @@ class NeuronStats:
         (dim 0 of every tracked layer's input). The batch is folded into the running statistics
         when the block exits normally; on an exception, or if a statistic is NaN/Inf (a
         ``FloatingPointError`` naming the layers), the running statistics are left unchanged.
+        A block in which no tracked layer ran a forward warns that nothing was recorded.
+
+        Two NeuronStats on one model may nest their blocks only if they track disjoint layers
+        (each layer's backward goes through one of them); nesting over a shared layer raises.
         """
         if self._removed:
             raise RuntimeError("this NeuronStats was removed; create a new one")
         if self._batch is not None:
             raise RuntimeError("record() blocks cannot be nested")
+        self._check_layers_free()
         model = self._model_ref()
         if model is None:
             raise RuntimeError("the model was garbage-collected")
@@ -361,8 +378,9 @@ class NeuronStats:
         patched = []
         try:
             for layer in self._layers.values():
-                layer.module.forward = self._make_forward(layer, batch)
-                patched.append(layer)
+                forward = self._make_forward(layer, batch)
+                layer.module.forward = forward
+                patched.append((layer.module, forward))
             yield self
         except BaseException:
             batch.closed = True
@@ -370,10 +388,46 @@ class NeuronStats:
         else:
             batch.closed = True
             self._fold(batch)
+            if batch.forward_calls == 0:
+                warnings.warn(
+                    "spurfast: no tracked layer ran a forward inside record(), so nothing was recorded for "
+                    "this batch; run both the forward and the backward inside the record() block (a graph "
+                    "built before the block, or a model not called in it, gives no statistics)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         finally:
-            for layer in patched:
-                del layer.module.forward
+            for module, forward in patched:
+                if vars(module).get("forward") is forward:  # leave anything but our own forward alone
+                    del module.forward
             self._batch = None
+
+    def _check_layers_free(self) -> None:
+        """Raise, before record() changes anything, if a tracked layer's forward is replaced."""
+        busy, replaced = [], []
+        for layer in self._layers.values():
+            if "forward" not in vars(layer.module):
+                continue
+            other = _recorded_by(layer.module)
+            if other is None:
+                replaced.append(layer.name)
+            elif other[1] == layer.name:
+                busy.append(repr(layer.name))
+            else:
+                busy.append(f"{layer.name!r} (named {other[1]!r} there)")
+        if busy:
+            raise RuntimeError(
+                f"record(): layers [{', '.join(busy)}] are already being recorded by another NeuronStats whose "
+                "record() block is open; nested recording of the same layer by two NeuronStats is not "
+                "supported (only one of them could receive the layer's backward). Use one NeuronStats "
+                "(more groups or layers), or run the record() blocks one after the other; NeuronStats "
+                "tracking disjoint layers may nest"
+            )
+        if replaced:
+            raise RuntimeError(
+                f"record(): layers {replaced} have their forward replaced on the instance; spurfast cannot "
+                "track such a layer (record() would overwrite it); remove the instance forward or track other layers"
+            )
 
     def _make_forward(self, layer: _Layer, batch: _Batch):
         module = layer.module
@@ -385,6 +439,7 @@ class NeuronStats:
                     f"layer {layer.name!r} got an input with {x.shape[0]} samples in dim 0, but record() "
                     f"was given {batch.size} group ids (the batch must be dim 0)"
                 )
+            batch.forward_calls += 1
             x, conv_args = _prepare_input(module, x) if layer.kind == "conv" else (x, None)
             grad_on = torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)
             if grad_on:
@@ -404,6 +459,7 @@ class NeuronStats:
                 owner._on_activation(layer, batch, out.detach())
             return out
 
+        forward._spurfast_recorded_by = (owner, layer.name)  # lets other NeuronStats recognise it
         return forward
 
     def _on_activation(self, layer: _Layer, batch: _Batch, out: torch.Tensor) -> None:
@@ -535,27 +591,18 @@ class NeuronStats:
             self.last_act = last_act
 
 
+def _recorded_by(module: nn.Module) -> Optional[Tuple["NeuronStats", str]]:
+    """(NeuronStats, layer name) whose open record() replaced ``module``'s forward, else None."""
+    return getattr(vars(module).get("forward"), "_spurfast_recorded_by", None)
+
+
 def _prepare_input(module: nn.Module, x: torch.Tensor):
     """Input and numeric (stride, padding, dilation, groups) of a conv call, explicit padding applied."""
-    spatial = module.weight.dim() - 2
     if module.padding_mode != "zeros":
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding: Tuple[int, ...] = (0,) * spatial
-    elif module.padding == "valid":
-        padding = (0,) * spatial
-    elif module.padding == "same":
-        # torch pads 'same' with the extra element on the right/bottom.
-        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-        pads = []
-        for total in reversed(totals):
-            pads += [total // 2, total - total // 2]
-        if any(t % 2 for t in totals):
-            x = F.pad(x, pads)
-            padding = (0,) * spatial
-        else:
-            padding = tuple(t // 2 for t in totals)
+        padding: Tuple[int, ...] = (0,) * (module.weight.dim() - 2)
     else:
-        padding = tuple(module.padding)
+        x, padding = conv_padding(x, module.kernel_size, module.stride, module.padding, module.dilation)
     return x, (tuple(module.stride), padding, tuple(module.dilation), module.groups)
 
 

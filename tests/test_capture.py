@@ -1,5 +1,7 @@
 """NeuronStats against torch.func per-sample gradients, on real models and losses."""
+import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -49,10 +51,11 @@ class Conv1dNet(nn.Module):
         super().__init__()
         self.c1 = nn.Conv1d(4, 6, 5, stride=2, padding=2)
         self.c2 = nn.Conv1d(6, 6, 3, padding="same", dilation=2, groups=3)
+        self.c3 = nn.Conv1d(6, 6, 4, padding="same")  # even kernel: asymmetric padding
         self.fc = nn.Linear(6, 3)
 
     def forward(self, x):
-        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).mean(-1))
+        return self.fc(F.relu(self.c3(F.relu(self.c2(F.relu(self.c1(x)))))).mean(-1))
 
 
 class TokenNet(nn.Module):
@@ -361,8 +364,10 @@ def test_backward_after_record_warns_and_keeps_grad(has_ext):
     plain = copy.deepcopy(model)
     F.cross_entropy(plain(x), y).backward()
     stats = sf.NeuronStats(model, num_groups=1)
-    with stats.record(torch.zeros(7, dtype=torch.long)):
-        loss = F.cross_entropy(model(x), y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the forward ran inside: no "nothing recorded" warning at exit
+        with stats.record(torch.zeros(7, dtype=torch.long)):
+            loss = F.cross_entropy(model(x), y)
     with pytest.warns(RuntimeWarning, match="after its record"):
         import spurfast._extension as ext
 
@@ -414,3 +419,141 @@ def test_every_group_count_with_empty_groups(num_groups, has_ext):
         want = torch.stack([psg[group_ids == g].sum(0) for g in range(num_groups)])
         assert rel_err(stats.group_grad[layer], want) < TOL[torch.float32]
         assert rel_err(stats.last_grad_sq[layer], psg.flatten(2).square().sum(-1)) < TOL[torch.float32]
+
+
+# ---------------------------------------------------------------- misuse: attention, nesting, no forward
+
+
+def _no_instance_forward(model):
+    return all("forward" not in vars(m) for m in model.modules())
+
+
+def _check_against_torch_func(stats, per_sample, group_ids, num_groups):
+    for layer in stats.layer_names:
+        psg = per_sample[f"{layer}.weight"]
+        assert rel_err(stats.last_grad_sq[layer], psg.flatten(2).square().sum(-1)) < TOL[torch.float32]
+        want = torch.stack([psg[group_ids == g].sum(0) for g in range(num_groups)])
+        assert rel_err(stats.group_grad[layer], want) < TOL[torch.float32]
+
+
+def test_attention_child_named_in_layers_raises():
+    model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)
+    assert sf.NeuronStats(model, num_groups=1).layer_names == ["linear1", "linear2"]  # out_proj skipped
+    for layer in ("self_attn.out_proj", model.self_attn.out_proj):
+        with pytest.raises(ValueError, match=r"'self_attn.out_proj' belongs to nn.MultiheadAttention 'self_attn'.*"
+                                             r"without calling the layer.*track other layers"):
+            sf.NeuronStats(model, num_groups=1, layers=["linear1", layer])
+    with pytest.raises(ValueError, match=r"'out_proj' belongs to nn.MultiheadAttention \(the model itself\)"):
+        sf.NeuronStats(nn.MultiheadAttention(8, 2), num_groups=1, layers=["out_proj"])
+
+
+def test_nested_record_of_the_same_layer_raises_and_outer_block_still_works():
+    model, x, y = _setup("mlp")
+    per_sample = _per_sample_grads(model, x, y)
+    plain = copy.deepcopy(model)
+    F.cross_entropy(plain(x), y).backward()
+    ids = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    outer = sf.NeuronStats(model, num_groups=2, backend="torch")
+    inner = sf.NeuronStats(model.net, num_groups=2, layers=["2", "4"], backend="torch")  # same modules, other names
+    with outer.record(ids):
+        late = sf.NeuronStats(model, num_groups=2, layers=["net.4"])  # creating one inside is fine
+        for other in (inner, late):
+            with pytest.raises(RuntimeError, match=r"already being recorded by another NeuronStats.*nested "
+                                                   r"recording of the same layer by two NeuronStats is not "
+                                                   r"supported.*one NeuronStats.*one after the other"):
+                with other.record(ids):
+                    pass
+        with pytest.raises(RuntimeError, match=r"\['2' \(named 'net.2' there\), '4' \(named 'net.4' there\)\]"):
+            with inner.record(ids):
+                pass
+        F.cross_entropy(model(x), y).backward()
+    assert _no_instance_forward(model)
+    _check_against_torch_func(outer, per_sample, ids, 2)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert rel_err(p.grad, q.grad) < TOL[torch.float64]
+    assert inner.group_count.sum() == 0 and inner._batch is None and late._batch is None
+    # An error inside the outer block (here the nested record's own) leaves the model as it was.
+    snapshot = outer.state_dict()
+    with pytest.raises(RuntimeError, match="already being recorded"):
+        with outer.record(ids):
+            F.cross_entropy(model(x), y).backward()
+            with inner.record(ids):
+                pass
+    assert _no_instance_forward(model)
+    for k, v in outer.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, snapshot[k]), k
+    # One after the other, both record.
+    model.zero_grad()
+    with inner.record(ids):
+        F.cross_entropy(model(x), y).backward()
+    assert _no_instance_forward(model)
+    for name in inner.layer_names:
+        psg = per_sample[f"net.{name}.weight"]
+        assert rel_err(inner.last_grad_sq[name], psg.flatten(2).square().sum(-1)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("outer_exits_first", [False, True])
+def test_nested_record_of_disjoint_layers_matches_torch_func(outer_exits_first):
+    """Each tracked layer runs through exactly one NeuronStats, so nesting is exact."""
+    model, x, y = _setup("mlp")
+    per_sample = _per_sample_grads(model, x, y)
+    plain = copy.deepcopy(model)
+    F.cross_entropy(plain(x), y).backward()
+    ids_a, ids_b = torch.tensor([0, 1, 1, 0, 1, 0, 0]), torch.tensor([2, 0, 1, 2, 2, 0, 1])
+    a = sf.NeuronStats(model, num_groups=2, layers=["net.0"], backend="torch")
+    b = sf.NeuronStats(model, num_groups=3, layers=["net.2", "net.4"], backend="torch")
+    with contextlib.ExitStack() as stack:
+        record_a, record_b = a.record(ids_a), b.record(ids_b)
+        stack.enter_context(record_a)
+        stack.enter_context(record_b)
+        F.cross_entropy(model(x), y).backward()
+        if outer_exits_first:
+            record_a.__exit__(None, None, None)
+            stack.pop_all()
+            record_b.__exit__(None, None, None)
+    assert _no_instance_forward(model)
+    _check_against_torch_func(a, per_sample, ids_a, 2)
+    _check_against_torch_func(b, per_sample, ids_b, 3)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert rel_err(p.grad, q.grad) < TOL[torch.float64]
+
+
+def test_forward_replaced_after_construction_raises_and_is_kept():
+    model, x, _ = _setup("mlp")
+    stats = sf.NeuronStats(model, num_groups=1)
+    custom = lambda inp: inp[:, :16] * 2  # noqa: E731
+    model.net[0].forward = custom
+    with pytest.raises(RuntimeError, match=r"\['net.0'\] have their forward replaced on the instance"):
+        with stats.record(torch.zeros(7, dtype=torch.long)):
+            pass
+    assert vars(model.net[0])["forward"] is custom
+    assert stats._batch is None and all("forward" not in vars(m) for m in (model.net[2], model.net[4]))
+
+
+def test_record_without_forward_inside_warns():
+    model, x, y = _setup("mlp")
+    plain = copy.deepcopy(model)
+    F.cross_entropy(plain(x), y).backward()
+    stats = sf.NeuronStats(model, num_groups=2, backend="torch")
+    ids = torch.arange(7) % 2
+    loss = F.cross_entropy(model(x), y)  # graph built outside record(): nothing to record
+    with pytest.warns(RuntimeWarning, match=r"no tracked layer ran a forward inside record\(\), so nothing was "
+                                            r"recorded.*both the forward and the backward inside"):
+        with stats.record(ids):
+            loss.backward()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert rel_err(p.grad, q.grad) < TOL[torch.float64]
+    with pytest.warns(RuntimeWarning, match="no tracked layer ran a forward"):
+        with stats.record(ids):
+            pass  # the model was not called
+    assert stats.group_count.sum() == 0 and stats.act_count["net.0"].sum() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with stats.record(ids):
+            F.cross_entropy(model(x), y).backward()
+        with torch.no_grad(), stats.record(ids):
+            model(x)  # forward only: activations are recorded
+        with pytest.raises(KeyError), stats.record(ids):
+            raise KeyError("an exception exit does not warn")
+    assert stats.group_count.tolist() == [4, 3] and stats.act_count["net.0"].tolist() == [8, 6]

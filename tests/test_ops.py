@@ -16,7 +16,7 @@ from spurfast.ops import (
     linear_grad_stats_reference,
     merge_group_moments,
 )
-from spurfast.ops._common import choose_method
+from spurfast.ops._common import choose_method, interpreting, triton_importable
 
 from _helpers import TOL, rel_err
 
@@ -106,6 +106,98 @@ def test_conv_matches_torch_func(case, method, has_ext):
         assert group_grad.shape == (3,) + weight_shape
         assert rel_err(grad_sq, want_sq) < TOL[torch.float64]
         assert rel_err(group_grad, want_gg) < TOL[torch.float64]
+
+
+STRING_PADDING_CASES = [  # (in_ch, out_ch, spatial, kernel, dilation, groups, padding)
+    (3, 4, (6, 5), (3, 3), 1, 1, "same"),  # odd kernel: symmetric
+    (3, 4, (6, 5), (4, 4), 1, 1, "same"),  # even kernel: extra row/column at the bottom/right
+    (4, 6, (7, 6), (3, 2), (2, 1), 2, "same"),  # even total in one dim only, dilated, grouped
+    (4, 4, (7, 6), (2, 3), (3, 2), 4, "same"),  # depthwise, odd total from an even kernel and dilation 3
+    (3, 5, (6, 5), (2, 3), 1, 1, "valid"),
+    (3, 5, (20,), (5,), 1, 1, "same"),  # Conv1d
+    (3, 5, (20,), (4,), 1, 1, "same"),  # Conv1d, even kernel
+    (4, 4, (16,), (2,), 3, 2, "same"),  # Conv1d, dilated, grouped, odd total
+    (4, 4, (16,), (3,), 2, 2, "valid"),
+]
+
+
+@pytest.mark.parametrize("case", STRING_PADDING_CASES)
+@pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch's own conv, computing the expected shape
+def test_conv_string_padding_matches_torch_func(case):
+    cin, cout, spatial, kernel, dilation, groups, padding = case
+    torch.manual_seed(9)
+    b = 4
+    weight_shape = (cout, cin // groups) + kernel
+    x = torch.randn((b, cin) + spatial, dtype=torch.float64)
+    conv = F.conv1d if len(spatial) == 1 else F.conv2d
+    out = conv(x, torch.zeros(weight_shape, dtype=torch.float64), None, 1, padding, dilation, groups)
+    if padding == "same":
+        assert out.shape[2:] == x.shape[2:]
+    g = torch.randn_like(out)
+    group_ids = torch.tensor([2, 0, 2, 2])  # group 1 empty
+    want_sq, want_gg = _expected(_func_conv(x, g, weight_shape, 1, padding, dilation, groups), group_ids, 3)
+    ref = conv_grad_stats_reference(x, g, weight_shape, 1, padding, dilation, groups, group_ids, 3)
+    assert rel_err(ref[0], want_sq) < TOL[torch.float64] and rel_err(ref[1], want_gg) < TOL[torch.float64]
+    for backend in ("torch", "cpp") if spurfast._extension.load_extension() is not None else ("torch",):
+        for method in ("direct", "gram"):
+            grad_sq, group_grad = conv_grad_stats(
+                x, g, weight_shape, 1, padding, dilation, groups, group_ids, 3, backend=backend, method=method
+            )
+            assert group_grad.shape == (3,) + weight_shape
+            assert rel_err(grad_sq, want_sq) < TOL[torch.float64]
+            assert rel_err(group_grad, want_gg) < TOL[torch.float64]
+    if interpreting() and triton_importable():  # Triton takes float32; inputs exact in float32 here
+        xf, gf = x.float(), g.float()
+        want_sq, want_gg = _expected(_func_conv(xf.double(), gf.double(), weight_shape, 1, padding, dilation, groups),
+                                     group_ids, 3)
+        for method in ("direct", "gram"):
+            grad_sq, group_grad = conv_grad_stats(
+                xf, gf, weight_shape, 1, padding, dilation, groups, group_ids, 3, backend="triton", method=method
+            )
+            assert rel_err(grad_sq, want_sq) < TOL[torch.float32]
+            assert rel_err(group_grad, want_gg) < TOL[torch.float32]
+
+
+def test_conv_bad_string_padding_raises_clearly():
+    x, g, ids = torch.randn(2, 3, 6, 6), torch.randn(2, 4, 6, 6), torch.zeros(2, dtype=torch.long)
+    for op in (conv_grad_stats, conv_grad_stats_reference):
+        with pytest.raises(ValueError, match="padding must be an int, a sequence of ints, 'same' or 'valid', got 'full'"):
+            op(x, g, (4, 3, 3, 3), 1, "full", 1, 1, ids, 1)
+        with pytest.raises(ValueError, match=r"padding='same' needs stride 1.*got stride=\(2, 2\)"):
+            op(x, g, (4, 3, 3, 3), 2, "same", 1, 1, ids, 1)
+        with pytest.raises(ValueError, match="needs x and grad_out of 4 dims"):
+            op(x[0], g, (4, 3, 3, 3), 1, "same", 1, 1, ids, 1)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 1, 7), (5, 3, 7), (5, 2, 3, 7)])
+def test_linear_reference_accepts_2d_and_nd_inputs(shape):
+    torch.manual_seed(10)
+    x = torch.randn(shape, dtype=torch.float64)
+    g = torch.randn(shape[:-1] + (4,), dtype=torch.float64)
+    ids = torch.tensor([1, 0, 1, 1, 0])
+    want_sq, want_gg = _expected(_func_linear(x, g), ids, 3)
+    grad_sq, group_grad = linear_grad_stats_reference(x, g, ids, 3)
+    assert grad_sq.shape == (5, 4) and group_grad.shape == (3, 4, 7)
+    assert rel_err(grad_sq, want_sq) < TOL[torch.float64]
+    assert rel_err(group_grad, want_gg) < TOL[torch.float64]
+    got = linear_grad_stats(x, g, ids, 3, backend="torch")
+    assert torch.equal(got[0], grad_sq) and torch.equal(got[1], group_grad)
+
+
+def test_linear_reference_rejects_bad_shapes_clearly():
+    x, g, ids = torch.randn(4, 5), torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, D\] or \[B, ..., D\], got \[5\]"):
+        linear_grad_stats_reference(x[0], g, ids, 1)
+    with pytest.raises(ValueError, match=r"grad_out must have shape \[B, D\] or \[B, ..., D\], got \[3\]"):
+        linear_grad_stats_reference(x, g[0], ids, 1)
+    with pytest.raises(ValueError, match="share leading dims, got \\[4, 5\\] and \\[3, 3\\]"):
+        linear_grad_stats_reference(x, g[:3], ids, 1)
+    with pytest.raises(ValueError, match="share leading dims"):
+        linear_grad_stats_reference(torch.randn(4, 2, 5), torch.randn(4, 3, 3), ids, 1)
+    with pytest.raises(ValueError, match=r"group_ids must have shape \[4\]"):
+        linear_grad_stats_reference(x, g, ids[:3], 1)
+    with pytest.raises(TypeError, match="grad_out must be float16/bfloat16/float32/float64"):
+        linear_grad_stats_reference(x, g.long(), ids, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

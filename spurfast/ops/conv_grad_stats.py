@@ -4,8 +4,9 @@ A neuron is an output channel ``W[c]`` (``[Cin / groups, *kernel]``). Sample n's
 gradient is, per conv group, ``G_n^T U_n`` where ``U_n`` ``[L, Kg]`` holds the im2col
 patches of the input and ``G_n`` ``[L, Cout / groups]`` the output gradient at the L output
 positions. The op returns ``grad_sq [B, Cout]`` and ``group_grad [G, *W.shape]`` with the
-same meaning as :func:`spurfast.ops.linear_grad_stats`. Any stride, padding, dilation and
-groups (depthwise included); Conv1d runs as a 2-D convolution of height 1.
+same meaning as :func:`spurfast.ops.linear_grad_stats`. Any stride, padding (numeric,
+``'same'`` or ``'valid'``), dilation and groups (depthwise included); Conv1d runs as a 2-D
+convolution of height 1.
 """
 from __future__ import annotations
 
@@ -105,6 +106,39 @@ def conv2d_grad_stats_reference(
     return reduce_per_sample_grad(per_sample_grad, group_ids, num_groups)
 
 
+def conv_padding(
+    x: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Union[str, int, Sequence[int]],
+    dilation: Sequence[int],
+) -> Tuple[torch.Tensor, Tuple[int, ...]]:
+    """``(x, padding)`` with per-dim numeric padding for a conv call on ``x [B, C, *spatial]``.
+
+    ``'valid'`` and ``'same'`` mean what they mean in ``F.conv1d``/``F.conv2d``. Where 'same'
+    needs an odd total padding in some dim, torch puts the extra element on the right/bottom;
+    symmetric numeric padding cannot express that, so x itself is zero-padded (a copy) and
+    the returned padding is 0. ``kernel_size``, ``stride`` and ``dilation`` have one entry per
+    spatial dim.
+    """
+    spatial = len(kernel_size)
+    if not isinstance(padding, str):
+        return x, pair(padding, spatial, "padding")
+    if padding == "valid":
+        return x, (0,) * spatial
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a sequence of ints, 'same' or 'valid', got {padding!r}")
+    if any(s != 1 for s in stride):
+        raise ValueError(f"padding='same' needs stride 1 (as in F.conv1d/F.conv2d), got stride={tuple(stride)}")
+    totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+    if all(t % 2 == 0 for t in totals):
+        return x, tuple(t // 2 for t in totals)
+    pads = []
+    for total in reversed(totals):  # F.pad lists the last dim first
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads), (0,) * spatial
+
+
 def conv_grad_stats_reference(x, grad_out, weight_shape, stride, padding, dilation, groups, group_ids, num_groups):
     """Plain-torch reference for Conv1d/Conv2d; same arguments as :func:`conv_grad_stats`."""
     args = _as_2d(x, grad_out, weight_shape, stride, padding, dilation)
@@ -122,7 +156,8 @@ def _as_2d(x, grad_out, weight_shape, stride, padding, dilation):
             f"a {spatial}-D convolution needs x and grad_out of {spatial + 2} dims, got {list(x.shape)} and {list(grad_out.shape)}"
         )
     kernel = tuple(int(k) for k in weight_shape[2:])
-    stride, padding, dilation = (pair(v, spatial, n) for v, n in ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    stride, dilation = pair(stride, spatial, "stride"), pair(dilation, spatial, "dilation")
+    x, padding = conv_padding(x, kernel, stride, padding, dilation)
     if spatial == 1:
         return (x.unsqueeze(2), grad_out.unsqueeze(2), (1,) + kernel, (1,) + stride, (0,) + padding, (1,) + dilation)
     return (x, grad_out, kernel, stride, padding, dilation)
@@ -149,8 +184,10 @@ def conv_grad_stats(
         x: layer input ``[B, Cin, L]`` (Conv1d) or ``[B, Cin, H, W]`` (Conv2d).
         grad_out: gradient w.r.t. the layer output ``[B, Cout, *out_spatial]``.
         weight_shape: the layer's ``W.shape`` (``[Cout, Cin/groups, *kernel]``).
-        stride, padding, dilation, groups: as in ``F.conv1d``/``F.conv2d`` (numeric padding;
-            pad the input yourself for ``'same'`` or non-zero padding modes).
+        stride, padding, dilation, groups: as in ``F.conv1d``/``F.conv2d``: padding is an int,
+            one int per spatial dim, ``'valid'`` or ``'same'`` (stride 1; an odd total pads the
+            extra element on the right/bottom, as torch does). For non-zero padding modes
+            (``'reflect'``, ...) pad the input yourself and pass padding 0.
         group_ids, num_groups, backend, method, check_inputs: as in :func:`linear_grad_stats`.
 
     Returns:

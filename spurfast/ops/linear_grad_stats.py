@@ -74,9 +74,18 @@ def linear_grad_stats_reference(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch definition: form every per-sample gradient, then reduce.
 
-    x: ``[B, T, D]``, grad_out: ``[B, T, C]``, group_ids: ``[B]`` int64.
+    Same shapes as :func:`linear_grad_stats`: x ``[B, D]`` or ``[B, ..., D]``, grad_out
+    ``[B, C]`` or ``[B, ..., C]``, group_ids ``[B]`` in ``[0, num_groups)``.
     """
-    per_sample_grad = linear_per_sample_grad(x, grad_out)  # [B, C, D]
+    check_floating(x, "x")
+    check_floating(grad_out, "grad_out")
+    x3, g3 = _as_token_pair(x, grad_out)
+    group_ids = check_group_ids(group_ids, x3.shape[0], num_groups).to(x.device)
+    return _linear_grad_stats_torch(x3, g3, group_ids, num_groups)
+
+
+def _linear_grad_stats_torch(x3: torch.Tensor, g3: torch.Tensor, group_ids: torch.Tensor, num_groups: int):
+    per_sample_grad = linear_per_sample_grad(x3, g3)  # [B, C, D]
     return reduce_per_sample_grad(per_sample_grad, group_ids, num_groups)
 
 
@@ -85,6 +94,18 @@ def as_tokens(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.dim() < 2:
         raise ValueError(f"{name} must have shape [B, D] or [B, ..., D], got {list(t.shape)}")
     return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def _as_token_pair(x: torch.Tensor, grad_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x ``[B, T, D]`` and grad_out ``[B, T, C]``, after checking that their leading dims agree."""
+    x3, g3 = as_tokens(x, "x"), as_tokens(grad_out, "grad_out")
+    if x3.shape[:2] != g3.shape[:2] or x.shape[:-1] != grad_out.shape[:-1]:
+        raise ValueError(
+            f"x [B, ..., D] and grad_out [B, ..., C] must share leading dims, got {list(x.shape)} and {list(grad_out.shape)}"
+        )
+    if x.device != grad_out.device:
+        raise ValueError(f"x is on {x.device} but grad_out is on {grad_out.device}")
+    return x3, g3
 
 
 def linear_grad_stats(
@@ -125,13 +146,7 @@ def linear_grad_stats(
     """
     check_floating(x, "x")
     check_floating(grad_out, "grad_out")
-    x3, g3 = as_tokens(x, "x"), as_tokens(grad_out, "grad_out")
-    if x3.shape[:2] != g3.shape[:2] or x.shape[:-1] != grad_out.shape[:-1]:
-        raise ValueError(
-            f"x [B, ..., D] and grad_out [B, ..., C] must share leading dims, got {list(x.shape)} and {list(grad_out.shape)}"
-        )
-    if x.device != grad_out.device:
-        raise ValueError(f"x is on {x.device} but grad_out is on {grad_out.device}")
+    x3, g3 = _as_token_pair(x, grad_out)
     group_ids = check_group_ids(group_ids, x3.shape[0], num_groups, check_range=check_inputs).to(x.device)
     check_method(method)
     if check_inputs:
@@ -140,7 +155,7 @@ def linear_grad_stats(
     x3, g3 = common_dtype(x3, g3)
     backend = resolve_backend(backend, x.device, x3.dtype)
     if backend == "torch":
-        return linear_grad_stats_reference(x3, g3, group_ids, num_groups)
+        return _linear_grad_stats_torch(x3, g3, group_ids, num_groups)  # inputs already checked
     if method == "auto":
         method = choose_method(x3.shape[1], g3.shape[2], x3.shape[2], backend)
     if backend == "triton" and x.device.type == "cpu":  # the interpreter: call the kernels directly

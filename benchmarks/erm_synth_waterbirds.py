@@ -5,10 +5,12 @@ dataset and reports, per seed, train and test accuracy of every group, the test 
 worst group and the per-group memorization gap (train - test). The claim checked: every training
 group is fit (>= 99%) while test worst-group accuracy is >= 20 points below test average accuracy.
 
-    python benchmarks/erm_synth_waterbirds.py                       # the committed run (CPU, 2 threads)
-    python benchmarks/erm_synth_waterbirds.py --tiny --out /tmp/x.json  # plumbing check, seconds
+    python benchmarks/erm_synth_waterbirds.py --out benchmarks/results/erm_synth_waterbirds.json
+                                                            # the committed run (CPU, 2 threads)
+    python benchmarks/erm_synth_waterbirds.py --tiny         # plumbing check, seconds
 
-Writes JSON (default benchmarks/results/erm_synth_waterbirds.json) and prints a markdown table.
+Writes JSON (to ``--out``, default a new ``runs/erm_synth_waterbirds-<time>/results.json``) and
+prints a markdown table.
 """
 from __future__ import annotations
 
@@ -27,9 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spurfast.data import SynthWaterbirds  # noqa: E402
 from spurfast.models import SmallCNN  # noqa: E402
+from spurfast.report.runs import new_run_dir  # noqa: E402
 from spurfast.train import erm  # noqa: E402
-
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "erm_synth_waterbirds.json"
 
 
 def parse_args(argv=None):
@@ -48,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--tiny", action="store_true", help="a seconds-long plumbing run (tiny data, 1 epoch)")
     p.add_argument("--progress", action="store_true", help="show tqdm bars")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=None, help="JSON file to write (default: a new run folder)")
     args = p.parse_args(argv)
     if args.tiny:
         args.n_train, args.n_test, args.epochs, args.width, args.seeds = 96, 48, 1, 4, args.seeds[:1]
@@ -156,6 +157,8 @@ def main(argv=None):
         "total_seconds": round(time.perf_counter() - t0, 1),
         "table_markdown": table,
     }
+    if args.out is None:
+        args.out = new_run_dir("erm_synth_waterbirds") / "results.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out} ({result['total_seconds']} s)")

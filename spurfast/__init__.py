@@ -12,7 +12,9 @@ from spurfast._extension import build_info
 from spurfast.capture import NeuronStats
 from spurfast.attribution import (
     Intervention,
+    TraceResult,
     intervene,
+    trace,
     NeuronScores,
     Unit,
     activation_contrast,
@@ -32,6 +34,7 @@ __all__ = [
     "Intervention",
     "NeuronScores",
     "NeuronStats",
+    "TraceResult",
     "Unit",
     "activation_contrast",
     "auroc",
@@ -45,6 +48,7 @@ __all__ = [
     "ops",
     "self_influence",
     "top_samples",
+    "trace",
     "unstructured_threshold",
     "__version__",
 ]

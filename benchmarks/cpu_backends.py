@@ -1,370 +1,34 @@
 """CPU: spurfast's `cpp` backend (C++/OpenMP kernels) against its `torch` backend (the
 plain-torch reference, which materialises every per-sample gradient), and against a plain
-forward+backward, on a ResNet-18-width conv stack and an MLP.
+forward+backward, on a ResNet-18-width conv stack and an MLP. The measurement is
+`spurfast.bench.cpu_backends` (its docstring says what is timed and how).
 
-    python benchmarks/cpu_backends.py                  # both models; writes benchmarks/results/cpu_backends.json
+    python benchmarks/cpu_backends.py --out benchmarks/results/cpu_backends.json   # both models; the committed file
     python benchmarks/cpu_backends.py --models resnet18_width --batch-size 64 --repeats 3
     python benchmarks/cpu_backends.py --render benchmarks/results/cpu_backends.json   # tables only
 
-Three measurements per model (each model in a fresh process), each the median and IQR of
-`--repeats` timed calls after `--warmup` untimed ones (fewer, not below 3, where the warm-up
-round says they would overrun `--budget-s`); the variants of a measurement run in rotating
-rounds so that load from other processes lands on all of them alike:
-
-* ops: every tracked layer's `linear_grad_stats` / `conv_grad_stats` on that layer's input
-  and output gradient (captured once with hooks), summed over layers; backends torch and
-  cpp, and for convs the cpp `direct` and `gram` methods beside `auto`.
-* step: `with NeuronStats(model, 4, backend=...).record(group_ids): loss.backward()`.
-* plain: the same forward+backward without spurfast.
-
-Errors are against the torch backend: `grad_sq` elementwise relative, `group_grad` max
-abs error over max abs value. Peak RSS is the process's resident high-water mark above
-its level before the call (Linux only; reset per call through /proc/self/clear_refs).
+Without `--out` the JSON goes to a new `runs/cpu_backends-<time>/cpu_backends.json`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import os
 import shlex
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import List, Optional
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _timing, when run as a script or loaded by path
-import _timing  # noqa: E402
-
-import spurfast as sf  # noqa: E402
-from spurfast.ops._common import choose_method  # noqa: E402  (to report what method="auto" picks)
-
-NUM_GROUPS = 4
-NUM_CLASSES = 10
-
-
-def resnet18_width_stack() -> nn.Module:
-    """CIFAR-style ResNet-18 widths without the skips: 3->64 stem, then two 3x3 convs per
-    stage at 64/128/256/512 channels (stride 2 entering stages 2-4), BatchNorm (eval) and
-    ReLU after each conv, global average pool, Linear(512, 10)."""
-    layers: List[nn.Module] = [nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
-    width = 64
-    for stage, out in enumerate((64, 128, 256, 512)):
-        for block in range(2):
-            stride = 2 if stage > 0 and block == 0 else 1
-            layers += [nn.Conv2d(width, out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
-            width = out
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, NUM_CLASSES)]
-    return nn.Sequential(*layers).eval()
-
-
-def mlp() -> nn.Module:
-    """Flattened 3x32x32 -> 2048 -> 2048 -> 10 with ReLU."""
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(3072, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, NUM_CLASSES)
-    ).eval()
-
-
-# name -> (factory, default batch size, conv model: time cpp direct/gram separately)
-MODELS: Dict[str, Tuple[Callable[[], nn.Module], int, bool]] = {
-    "resnet18_width": (resnet18_width_stack, 32, True),
-    "mlp": (mlp, 128, False),
-}
-
-
-# ---------------------------------------------------------------------------------- ops level
-def capture_layer_io(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Dict[str, dict]:
-    """Input and output gradient of every Linear/Conv2d in one plain forward+backward."""
-    records: Dict[str, dict] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            def forward_hook(m, inputs, output, name=name):
-                records[name] = {"module": m, "x": inputs[0].detach()}
-                output.register_hook(lambda grad, name=name: records[name].__setitem__("grad_out", grad.detach()))
-
-            hooks.append(module.register_forward_hook(forward_hook))
-    F.cross_entropy(model(x), y).backward()
-    for h in hooks:
-        h.remove()
-    model.zero_grad(set_to_none=True)
-    return records
-
-
-def layer_call(rec: dict, group_ids: torch.Tensor, backend: str, method: str):
-    m, x, g = rec["module"], rec["x"], rec["grad_out"]
-    if isinstance(m, nn.Linear):
-        return sf.ops.linear_grad_stats(x, g, group_ids, NUM_GROUPS, backend=backend, method=method, check_inputs=False)
-    return sf.ops.conv_grad_stats(
-        x, g, m.weight.shape, m.stride, m.padding, m.dilation, m.groups, group_ids, NUM_GROUPS,
-        backend=backend, method=method, check_inputs=False,
-    )
-
-
-def auto_method(rec: dict) -> str:
-    """The method the cpp backend's method="auto" runs for this layer."""
-    m, g = rec["module"], rec["grad_out"]
-    if isinstance(m, nn.Linear):
-        tokens = g.numel() // (g.shape[0] * g.shape[-1])
-        return choose_method(tokens, m.out_features, m.in_features, "cpp")
-    kh, kw = m.kernel_size
-    return choose_method(g.shape[2] * g.shape[3], m.out_channels // m.groups, m.in_channels // m.groups * kh * kw, "cpp")
-
-
-def describe(rec: dict) -> dict:
-    m = rec["module"]
-    out = {"type": type(m).__name__, "weight_shape": list(m.weight.shape),
-           "x_shape": list(rec["x"].shape), "grad_out_shape": list(rec["grad_out"].shape)}
-    if isinstance(m, nn.Conv2d):
-        out.update(stride=list(m.stride), padding=list(m.padding))
-    return out
-
-
-def grad_sq_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Elementwise max |got - want| / want; entries below 1e-6 of the largest are compared
-    against that floor instead (a channel ReLU silenced for a sample has grad_sq = 0)."""
-    got, want = got.double(), want.double()
-    floor = want.abs().max().clamp_min(1e-300) * 1e-6
-    return ((got - want).abs() / want.abs().clamp_min(floor)).max().item()
-
-
-def normwise_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double(), want.double()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-300)).item()
-
-
-def bench_ops(records: Dict[str, dict], group_ids: torch.Tensor, variants: List[Tuple[str, str]],
-              repeats: int, warmup: int, memory: bool, budget_s: Optional[float]) -> dict:
-    """Rounds over layers; at each layer every variant runs once, in an order rotated per
-    layer and round, so that load from other processes hits the variants alike layer by layer.
-    A variant's total for a round is the sum of its layer times in that round."""
-    keys = [f"{b}/{m}" for b, m in variants]
-    wall = {k: {n: [] for n in records} for k in keys}
-    cpu = {k: {n: [] for n in records} for k in keys}
-    peak = {k: 0 for k in keys}
-    r = 0
-    while r < warmup + repeats:
-        timed = r >= warmup
-        round_start = time.perf_counter()
-        for i, (name, rec) in enumerate(records.items()):
-            k0 = (r + i) % len(keys)
-            for key in keys[k0:] + keys[:k0]:
-                backend, method = key.split("/")
-                wall_ms, cpu_ms, peak_bytes = _timing.time_call(
-                    lambda: layer_call(rec, group_ids, backend, method), memory and timed
-                )
-                if timed:
-                    wall[key][name].append(wall_ms)
-                    cpu[key][name].append(cpu_ms)
-                    peak[key] = max(peak[key], peak_bytes or 0)
-        if r == warmup - 1:
-            repeats = _timing.repeats_within(budget_s, time.perf_counter() - round_start, repeats)
-        r += 1
-    totals = {}
-    for key in keys:
-        per_round = [sum(wall[key][n][r] for n in records) for r in range(repeats)]
-        cpu_round = [sum(cpu[key][n][r] for n in records) for r in range(repeats)]
-        totals[key] = _timing.summarize(per_round, cpu_round)
-        totals[key]["peak_rss_delta_bytes"] = peak[key] if memory else None
-
-    layers = {}
-    for name, rec in records.items():
-        want_sq, want_group = layer_call(rec, group_ids, "torch", "auto")
-        entry = {**describe(rec), "auto_method": auto_method(rec), "variants": {}}
-        for key in keys:
-            backend, method = key.split("/")
-            got_sq, got_group = layer_call(rec, group_ids, backend, method)
-            row = _timing.summarize(wall[key][name], cpu[key][name])
-            row["max_rel_err_grad_sq"] = grad_sq_rel_err(got_sq, want_sq)
-            row["max_rel_err_group_grad"] = normwise_err(got_group, want_group)
-            entry["variants"][key] = row
-        layers[name] = entry
-    for key, total in totals.items():
-        total["max_rel_err_grad_sq"] = max(l["variants"][key]["max_rel_err_grad_sq"] for l in layers.values())
-        total["max_rel_err_group_grad"] = max(l["variants"][key]["max_rel_err_group_grad"] for l in layers.values())
-    return {"total": totals, "layers": layers}
-
-
-# --------------------------------------------------------------------------------- step level
-def bench_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, group_ids: torch.Tensor,
-               repeats: int, warmup: int, memory: bool, budget_s: Optional[float]) -> dict:
-    # Two NeuronStats on one model coexist: each only touches the model inside its record().
-    stats = {backend: sf.NeuronStats(model, num_groups=NUM_GROUPS, backend=backend) for backend in ("torch", "cpp")}
-
-    def plain() -> None:
-        F.cross_entropy(model(x), y).backward()
-
-    def scoring(backend: str) -> None:
-        with stats[backend].record(group_ids):
-            F.cross_entropy(model(x), y).backward()
-
-    fns = {"plain": plain, "torch": lambda: scoring("torch"), "cpp": lambda: scoring("cpp")}
-    result = _timing.interleaved(fns, repeats, warmup, measure_memory=memory,
-                                 between=lambda: model.zero_grad(set_to_none=True), budget_s=budget_s)
-
-    # Honesty check on one fresh batch: cpp vs torch statistics, and both weight gradients vs plain.
-    plain()
-    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    weight_err = {}
-    for backend, s in stats.items():
-        s.reset()
-        scoring(backend)
-        weight_err[backend] = max(normwise_err(p.grad, plain_grads[n]) for n, p in model.named_parameters())
-        model.zero_grad(set_to_none=True)
-    names = stats["torch"].layer_names
-    result["cpp"]["max_rel_err_grad_sq"] = max(
-        grad_sq_rel_err(stats["cpp"].last_grad_sq[n], stats["torch"].last_grad_sq[n]) for n in names
-    )
-    result["cpp"]["max_rel_err_group_grad"] = max(
-        normwise_err(stats["cpp"].group_grad[n], stats["torch"].group_grad[n]) for n in names
-    )
-    for backend in ("torch", "cpp"):
-        result[backend]["max_rel_err_weight_grad_vs_plain"] = weight_err[backend]
-        stats[backend].remove()
-    return result
-
-
-def bench_model(name: str, batch: int, repeats: int, warmup: int, memory: bool, budget_s: Optional[float]) -> dict:
-    factory, _, is_conv = MODELS[name]
-    torch.manual_seed(0)
-    model = factory()
-    x = torch.randn(batch, 3, 32, 32)
-    y = torch.randint(0, NUM_CLASSES, (batch,))
-    group_ids = torch.randint(0, NUM_GROUPS, (batch,))
-    load_before = _timing.load_average()
-    start = time.perf_counter()
-
-    records = capture_layer_io(model, x, y)
-    variants = [("torch", "auto"), ("cpp", "auto")]
-    if is_conv:
-        variants += [("cpp", "direct"), ("cpp", "gram")]
-    with _timing.OtherLoad() as ops_load:
-        ops = bench_ops(records, group_ids, variants, repeats, warmup, memory, budget_s)
-    with _timing.OtherLoad() as step_load:
-        step = bench_step(model, x, y, group_ids, repeats, warmup, memory, budget_s)
-
-    for rows in (ops["total"], step):
-        for row in rows.values():
-            row["samples_per_s"] = batch / row["median_ms"] * 1e3
-    torch_ops = ops["total"]["torch/auto"]["median_ms"]
-    for row in ops["total"].values():
-        row["ratio_torch_over_this"] = torch_ops / row["median_ms"]
-    for layer in ops["layers"].values():
-        t = layer["variants"]["torch/auto"]["median_ms"]
-        for row in layer["variants"].values():
-            row["ratio_torch_over_this"] = t / row["median_ms"]
-    for row in step.values():
-        row["ratio_torch_over_this"] = step["torch"]["median_ms"] / row["median_ms"]
-        row["ratio_to_plain"] = row["median_ms"] / step["plain"]["median_ms"]
-    return {
-        "batch_size": batch,
-        "num_tracked_layers": len(records),
-        "num_groups": NUM_GROUPS,
-        "ops": ops,
-        "step": step,
-        "wall_s": time.perf_counter() - start,
-        # cores (of os.cpu_count()) other processes kept busy meanwhile: 0 on a quiet machine
-        "other_processes_busy_cores": {"ops": ops_load.cores, "step": step_load.cores},
-        "load_average_before": load_before,
-        "load_average_after": _timing.load_average(),
-    }
-
-
-def bench_model_isolated(name: str, batch: int, repeats: int, warmup: int, memory: bool,
-                         budget_s: Optional[float], threads: int) -> dict:
-    """bench_model in a fresh process: the allocator's state left by one model (glibc keeps
-    freed memory around, so later large tensors skip page faults) then moves neither the
-    times nor the peak RSS of the next, and `--models mlp` reproduces the full run's row."""
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_bench_model_with_threads, (name, batch, repeats, warmup, memory, budget_s, threads))
-
-
-def _bench_model_with_threads(name, batch, repeats, warmup, memory, budget_s, threads) -> dict:
-    torch.set_num_threads(threads)
-    return bench_model(name, batch, repeats, warmup, memory, budget_s)
-
-
-# ------------------------------------------------------------------------------------ tables
-def _mib(row: dict) -> str:
-    b = row.get("peak_rss_delta_bytes")
-    return "n/a" if b is None else f"{b / 2**20:,.0f}"
-
-
-def _err(row: dict) -> str:
-    e = row.get("max_rel_err_grad_sq")
-    return "ref" if e is None else f"{e:.1e}"
-
-
-def render(data: dict) -> str:
-    lines = [
-        "| model (B) | level | backend / method | median ms | IQR ms | samples/s | torch / this | this / plain | peak RSS +MiB | grad_sq max rel err vs torch |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for name, r in data["models"].items():
-        label = f"{name} ({r['batch_size']})"
-        for key, row in r["ops"]["total"].items():
-            err = "ref" if key.startswith("torch") else _err(row)
-            lines.append(
-                f"| {label} | ops (sum of {r['num_tracked_layers']} layers) | {key} | {row['median_ms']:,.1f} | {row['iqr_ms']:,.1f} "
-                f"| {row['samples_per_s']:,.0f} | {row['ratio_torch_over_this']:.2f}x | | {_mib(row)} | {err} |"
-            )
-        for key in ("plain", "torch", "cpp"):
-            row = r["step"][key]
-            err = {"plain": "", "torch": "ref"}.get(key) or _err(row)
-            lines.append(
-                f"| {label} | step | {'plain fwd+bwd' if key == 'plain' else 'NeuronStats ' + key} "
-                f"| {row['median_ms']:,.1f} | {row['iqr_ms']:,.1f} | {row['samples_per_s']:,.0f} "
-                f"| {'' if key == 'plain' else format(row['ratio_torch_over_this'], '.2f') + 'x'} "
-                f"| {row['ratio_to_plain']:.2f}x | {_mib(row)} | {err} |"
-            )
-    return "\n".join(lines)
-
-
-def render_layers(data: dict) -> str:
-    """Per-layer op times (median ms), with torch / this in brackets and what auto chose."""
-    out = []
-    for name, r in data["models"].items():
-        keys = list(r["ops"]["total"])
-        out.append(f"{name}, B={r['batch_size']}: per-layer op median ms (torch / this)\n")
-        out.append("| layer | x | grad_out | auto picks | " + " | ".join(keys) + " |")
-        out.append("|---|---|---|---|" + "--:|" * len(keys))
-        for layer, e in r["ops"]["layers"].items():
-            cells = []
-            for k in keys:
-                v = e["variants"][k]
-                cells.append(f"{v['median_ms']:,.1f}" + ("" if k.startswith("torch") else f" ({v['ratio_torch_over_this']:.2f}x)"))
-            x = "x".join(map(str, e["x_shape"][1:]))
-            g = "x".join(map(str, e["grad_out_shape"][1:]))
-            out.append(f"| {layer} {e['type']} | {x} | {g} | {e['auto_method']} | " + " | ".join(cells) + " |")
-        out.append("")
-    return "\n".join(out)
-
-
-# -------------------------------------------------------------------------------------- main
-def parse_batch_sizes(text: Optional[str], models: List[str]) -> Dict[str, int]:
-    sizes = {m: MODELS[m][1] for m in models}
-    if not text:
-        return sizes
-    if "=" not in text:
-        return {m: int(text) for m in models}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        if name not in MODELS:
-            raise SystemExit(f"--batch-size: unknown model {name!r}; choose from {sorted(MODELS)}")
-        sizes[name] = int(value)
-    return sizes
+from spurfast.bench import cpu_backends
+from spurfast.bench._flags import parse_batch_sizes, parse_list
+from spurfast.bench.environment import write_json
+from spurfast.report.runs import new_run_dir
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    models_known = list(cpu_backends.MODELS)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {sorted(MODELS)}")
+    parser.add_argument("--models", default=",".join(models_known), help=f"comma-separated, from {models_known}")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per measurement first")
     parser.add_argument("--budget-s", type=float, default=45.0,
@@ -376,54 +40,31 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--no-memory", action="store_true", help="skip peak-RSS measurement")
     parser.add_argument("--in-process", action="store_true",
                         help="run the models in this process instead of one fresh process each")
-    parser.add_argument("--out", default="benchmarks/results/cpu_backends.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default: cpu_backends.json in a new runs/cpu_backends-<time>/)")
     parser.add_argument("--render", metavar="JSON", help="only print the tables of an earlier run's JSON")
     args = parser.parse_args(argv)
     if args.render:
         data = json.loads(Path(args.render).read_text())
-        print(render(data) + "\n\n" + render_layers(data))
+        print(cpu_backends.render(data) + "\n\n" + cpu_backends.render_layers(data))
         return data
-    models = args.models.split(",")
-    for m in models:
-        if m not in MODELS:
-            raise SystemExit(f"unknown model {m!r}; choose from {sorted(MODELS)}")
-    if args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
-    batch_sizes = parse_batch_sizes(args.batch_size, models)
-    torch.set_num_threads(args.threads)
-    memory = not args.no_memory and _timing.peak_rss_supported()
-
-    data = {
-        "command": shlex.join(["python", "benchmarks/cpu_backends.py", *argv]),
-        "machine": _timing.machine_info(),
-        "spurfast_build": sf.build_info(),
-        "settings": {"repeats": args.repeats, "warmup": args.warmup, "budget_s": args.budget_s, "threads": args.threads,
-                     "num_groups": NUM_GROUPS, "peak_rss_measured": memory,
-                     "process_per_model": not args.in_process},
-        "models": {},
-    }
-    start = time.perf_counter()
-    for name in models:
-        run = (name, batch_sizes[name], args.repeats, args.warmup, memory, args.budget_s or None)
-        if args.in_process:
-            data["models"][name] = bench_model(*run)
-        else:
-            data["models"][name] = bench_model_isolated(*run, args.threads)
-        r = data["models"][name]
-        print(f"{name}: done in {r['wall_s']:.0f} s; other processes kept "
-              f"{r['other_processes_busy_cores']} cores busy meanwhile", flush=True)
-    data["wall_s"] = time.perf_counter() - start
-    data["machine"]["load_average_at_end"] = _timing.load_average()
-
+    try:
+        models = parse_list(args.models, models_known, "--models")
+        batch_sizes = dict(cpu_backends.default_batch_sizes(models), **parse_batch_sizes(args.batch_size, models))
+        if args.repeats < 1 or args.warmup < 0:
+            raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    except ValueError as exc:
+        parser.error(str(exc))
+    out = args.out or new_run_dir("cpu_backends") / "cpu_backends.json"
+    data = cpu_backends.measure(
+        models, batch_sizes, repeats=args.repeats, warmup=args.warmup, budget_s=args.budget_s, threads=args.threads,
+        memory=not args.no_memory, in_process=args.in_process,
+        command=shlex.join(["python", "benchmarks/cpu_backends.py", *argv]))
     print()
-    print(render(data))
+    print(cpu_backends.render(data))
     print()
-    print(render_layers(data))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, out)
+    print(cpu_backends.render_layers(data))
+    write_json(out, data, indent=1)
     print(f"wrote {out} ({data['wall_s']:.0f} s)")
     return data
 

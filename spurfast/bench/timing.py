@@ -1,24 +1,95 @@
-"""CPU timing helpers shared by the CPU benchmarks: interleaved repeats, quantile summaries,
-per-call peak RSS, and a description of the machine (load included, since on a small
-shared CPU a neighbour's process moves every number)."""
+"""Timing helpers shared by the benchmarks: per-call timers (CUDA events on GPU,
+``perf_counter`` on CPU), repeat counts cut to a time budget, interleaved CPU repeats,
+quantile summaries, per-call peak RSS, and how busy the machine was (on a small shared
+CPU a neighbour's process moves every number)."""
 from __future__ import annotations
 
 import os
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
+MIN_REPEATS = 3
+
+
+def repeats_within(budget_s: Optional[float], call_s: float, repeats: int) -> int:
+    """`repeats`, cut so that the timed calls take about `budget_s` (never below
+    MIN_REPEATS): keeps a slow method from dominating the run time."""
+    if budget_s is None or call_s <= 0:
+        return repeats
+    return max(min(repeats, MIN_REPEATS), min(repeats, int(budget_s / call_s)))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device,
+               budget_s: Optional[float] = None) -> List[float]:
+    """Milliseconds per call of ``fn`` after ``warmup`` untimed calls: CUDA events on GPU
+    (launched back to back, one synchronisation at the end), ``perf_counter`` on CPU.
+
+    With ``budget_s``, warm-up stops once it has taken half the budget, and ``repeats`` is
+    cut by :func:`repeats_within` from the warm-up calls' mean duration.
+
+    Example::
+
+        >>> times = time_calls(lambda: sum(range(100)), warmup=1, repeats=4, device=torch.device("cpu"))
+        >>> len(times), all(t >= 0 for t in times)
+        (4, True)
+    """
+    calls, start = 0, time.perf_counter()
+    for _ in range(warmup):
+        fn()
+        calls += 1
+        if budget_s is not None:
+            _sync(device)  # so that the elapsed time is the GPU's too
+            if time.perf_counter() - start > budget_s / 2:
+                break
+    _sync(device)
+    if calls and budget_s is not None:
+        repeats = repeats_within(budget_s, (time.perf_counter() - start) / calls, repeats)
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        for start_event, end_event in zip(starts, ends):
+            start_event.record()
+            fn()
+            end_event.record()
+        torch.cuda.synchronize(device)
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def median_iqr(times_ms: Sequence[float]) -> Tuple[float, float]:
+    """(median, interquartile range) in ms, quartiles by linear interpolation."""
+    t = torch.tensor(list(times_ms), dtype=torch.float64)
+    q25, q50, q75 = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return q50, q75 - q25
 
 
 def summarize(times_ms: List[float], cpu_ms: Optional[List[float]] = None) -> Dict[str, object]:
     """Median, quartiles and IQR of repeat times in ms (quartiles by the 'inclusive' rule, so
     that three repeats give min/median/max); `cpu_ms`, the process CPU time of the same calls
-    (all threads), adds its median: less moved than wall time by other processes' load."""
+    (all threads), adds its median: less moved than wall time by other processes' load.
+
+    Example::
+
+        >>> s = summarize([3.0, 1.0, 2.0])
+        >>> s["median_ms"], s["q1_ms"], s["q3_ms"], s["repeats"]
+        (2.0, 1.5, 2.5, 3)
+    """
     if len(times_ms) > 1:
         q1, _, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
     else:
@@ -35,6 +106,7 @@ def summarize(times_ms: List[float], cpu_ms: Optional[List[float]] = None) -> Di
     }
 
 
+# ------------------------------------------------------------------------- CPU memory
 def _status_kib(field: str) -> Optional[int]:
     try:
         with open(_STATUS) as f:
@@ -88,17 +160,6 @@ def time_call(fn: Callable[[], object], measure_memory: bool = False) -> Tuple[f
     return elapsed * 1e3, cpu_elapsed * 1e3, mem.delta_bytes
 
 
-MIN_REPEATS = 3
-
-
-def repeats_within(budget_s: Optional[float], round_s: float, repeats: int) -> int:
-    """`repeats`, cut so that the timed rounds take about `budget_s` (never below
-    MIN_REPEATS): keeps a slow reference from dominating the run time."""
-    if budget_s is None or round_s <= 0:
-        return repeats
-    return max(min(repeats, MIN_REPEATS), min(repeats, int(budget_s / round_s)))
-
-
 def interleaved(
     fns: Mapping[str, Callable[[], object]],
     repeats: int,
@@ -144,6 +205,7 @@ def interleaved(
     return out
 
 
+# ------------------------------------------------------------------------- machine load
 class OtherLoad:
     """Average number of CPU cores kept busy by *other* processes while the block ran, from
     /proc/stat (all CPUs) minus this process's own ticks; None where /proc is missing."""
@@ -184,6 +246,7 @@ def load_average() -> Optional[List[float]]:
 
 
 def machine_info() -> Dict[str, object]:
+    """The CPU side of the machine, with its load average at the time of the call."""
     return {
         "processor": platform.processor() or platform.machine(),
         "platform": platform.platform(),

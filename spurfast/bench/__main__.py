@@ -1,0 +1,5 @@
+import sys
+
+from spurfast.bench.command import main
+
+sys.exit(main())

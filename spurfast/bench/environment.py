@@ -1,0 +1,126 @@
+"""What a results file records about where it was measured, and how it is written."""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import platform
+import re
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+PEER_DISTRIBUTIONS = ("opacus", "backpack-for-pytorch", "torchvision", "timm")
+
+
+def error_string(exc: BaseException, limit: int = 800) -> str:
+    """``Type: message`` on one line, cut to ``limit`` characters (tables and JSON stay readable)."""
+    msg = f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
+    return msg if len(msg) <= limit else msg[:limit] + " ..."
+
+
+def check_device(device: str) -> None:
+    """ValueError naming ``--device`` unless ``device`` is "cpu", or "cuda" with a GPU torch can see."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device cuda: torch.cuda.is_available() is False (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda}); use --device cpu"
+        )
+
+
+def select_device(device: str, tf32: bool = True) -> torch.device:
+    """``device`` checked by :func:`check_device`; sets TF32 for every method alike."""
+    check_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return torch.device(device)
+
+
+def tf32_flags() -> Tuple[bool, bool]:
+    """(matmul, cudnn) TF32 switches, to restore after a run."""
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def set_tf32_flags(flags: Tuple[bool, bool]) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def slug(name: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3`` (for file names)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def version(dist: str) -> Optional[str]:
+    """The installed version of a distribution, None when it is not installed."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> Optional[str]:
+    """The checked-out commit of a source checkout, read from .git without running git
+    (None for an installed copy or when unreadable)."""
+    try:
+        git = Path(__file__).resolve().parents[2] / ".git"
+        head = (git / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            ref = head[5:]
+            ref_file = git / ref
+            if ref_file.exists():
+                return ref_file.read_text().strip()
+            for line in (git / "packed-refs").read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split()[0]
+            return None
+        return head
+    except OSError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """Device and versions for a results file."""
+    import spurfast
+
+    try:
+        build_info = spurfast.build_info()
+    except Exception as exc:  # record, never abort a benchmark over metadata
+        build_info = {"error": error_string(exc)}
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "gpu_capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": version("triton") or version("pytorch-triton"),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "spurfast": getattr(spurfast, "__version__", None),
+        "spurfast_commit": git_commit(),
+        "build_info": build_info,
+        "peers": {d: version(d) for d in PEER_DISTRIBUTIONS},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write atomically (``*.tmp`` then rename), so that a killed run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_json(path: Path, data: dict, indent: int = 2) -> None:
+    write_text(path, json.dumps(data, indent=indent, default=str) + "\n")

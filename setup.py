@@ -1,44 +1,36 @@
-"""Builds spurfast._C: C++ (OpenMP) kernels always, CUDA sources only when a CUDA
-toolkit and a CUDA build of torch are both present. SPURFAST_NO_EXT=1 skips native code."""
+"""spurfast installs as pure Python; its C++ extension is compiled on first use.
+
+Installing builds nothing native and imports no torch, so pip never puts a second torch in
+an isolated build environment, and the extension is always compiled against the torch that
+is installed at run time (``spurfast/_extension.py``; ``spurfast build`` does it ahead of
+time). A wheel ships the C++/CUDA sources as ``spurfast/_csrc/``; an editable install reads
+the checkout's ``csrc/`` directly.
+"""
 import glob
 import os
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+SOURCE_PATTERNS = ("*.cpp", "*.h", "*.cu", "*.cuh")
 
 
-def _ext_modules():
-    if os.environ.get("SPURFAST_NO_EXT", "0") == "1":
-        return [], {}
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+class build_py_with_csrc(build_py):
+    """Copy ``csrc/**`` to ``spurfast/_csrc/`` in the wheel, where the run-time build finds it."""
 
-    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    with_cuda = bool(cuda_sources) and CUDA_HOME is not None and torch.version.cuda is not None
-    extra_compile_args = {"cxx": ["-O3", "-fopenmp", "-std=c++17"]}
-    define_macros = []
-    if with_cuda:
-        extra_compile_args["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
-        define_macros.append(("SPURFAST_WITH_CUDA", None))
-        ext = CUDAExtension(
-            "spurfast._C",
-            cpp_sources + cuda_sources,
-            extra_compile_args=extra_compile_args,
-            extra_link_args=["-fopenmp"],
-            define_macros=define_macros,
-        )
-    else:
-        ext = CppExtension(
-            "spurfast._C",
-            cpp_sources,
-            extra_compile_args=extra_compile_args,
-            extra_link_args=["-fopenmp"],
-            define_macros=define_macros,
-        )
-    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install compiles from the checkout's csrc/
+        csrc = os.path.join(ROOT, "csrc")
+        sources = [p for pat in SOURCE_PATTERNS for p in glob.glob(os.path.join(csrc, "**", pat), recursive=True)]
+        if not sources:
+            raise RuntimeError(f"no C++ sources under {csrc}; a source distribution must include csrc/")
+        for src in sorted(sources):
+            dst = os.path.join(self.build_lib, "spurfast", "_csrc", os.path.relpath(src, csrc))
+            self.mkpath(os.path.dirname(dst))
+            self.copy_file(src, dst)
 
 
-ext_modules, cmdclass = _ext_modules()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(cmdclass={"build_py": build_py_with_csrc})

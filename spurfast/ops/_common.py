@@ -86,7 +86,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
 
         warn_once(
             "auto-cpu",
-            f"spurfast: compiled extension unavailable ({_extension._C_error!r}); "
+            f"spurfast: C++ extension unavailable ({_extension._C_error}); "
             "falling back to the plain-torch backend, which materialises per-sample gradients.",
         )
         return "torch"

@@ -12,3 +12,10 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     scale = expected.abs().max().item()
     diff = (actual.double() - expected).abs().max().item()
     return diff / scale if scale > 0 else diff
+
+# A demo small enough for a test (seconds): the pipeline of `spurfast demo --quick`, tiny everywhere.
+TINY_DEMO_PRESET = {
+    "n_train": 240, "n_test": 80, "width": 4,
+    "study": {"epochs": 2, "tracin_every": 1, "hardest": 20, "ks": (1, 2), "modes": ("zero", "random_init"),
+              "sigmas": ("init",), "repeats": 2, "oracle": True},
+}

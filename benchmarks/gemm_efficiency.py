@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from spurfast.bench import gemm
-from spurfast.bench.environment import check_device, device_name, slug, write_json
+from spurfast.bench.environment import check_device, device_name, merge_into_existing, slug, write_json
 from spurfast.report.runs import new_run_dir
 
 
@@ -77,18 +77,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return data
     name = device_name(torch.device(args.device))
     out = args.out or new_run_dir("gemm_efficiency") / f"gemm_efficiency_{slug(name)}.json"
-    old = json.loads(out.read_text()) if args.merge and out.exists() else None
-    if old is not None:  # refuse a mismatched file before spending time
-        stub = {"environment": {"device": name, "torch": torch.__version__},
-                "settings": args.settings.record(), "results": []}
-        try:
-            gemm.merge_results(old, stub)
-        except ValueError as exc:
-            raise SystemExit(str(exc))
-
-    def merged(data: dict) -> dict:
-        return gemm.merge_results(old, data) if old is not None else data
-
+    stub = {"environment": {"device": name, "torch": torch.__version__}, "settings": args.settings.record(), "results": []}
+    merged = merge_into_existing(out, gemm.merge_results, stub, args.merge)
     data = merged(gemm.measure(args.settings, args.shapes, on_shape=lambda d: write_json(out, merged(d))))
     write_json(out, data)
     print(f"wrote {out}", file=sys.stderr)

@@ -25,7 +25,7 @@ import torch
 
 from spurfast.bench import throughput
 from spurfast.bench._flags import parse_batch_sizes, parse_list
-from spurfast.bench.environment import check_device, device_name, slug, write_json
+from spurfast.bench.environment import check_device, device_name, merge_into_existing, slug, write_json
 from spurfast.bench.models import ALL_MODELS
 from spurfast.bench.peers import ALL_METHODS
 from spurfast.report.runs import new_run_dir
@@ -85,18 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     settings = args.settings
     name = device_name(torch.device(settings.device))
     out = args.out or new_run_dir("scoring_throughput") / f"scoring_{slug(name)}.json"
-    old = json.loads(out.read_text()) if args.merge and out.exists() else None
-    if old is not None:  # refuse a mismatched file before spending time
-        stub = {"environment": {"device": name, "torch": torch.__version__},
-                "settings": settings.record(), "results": {}}
-        try:
-            throughput.merge_results(old, stub)
-        except ValueError as exc:
-            raise SystemExit(str(exc))
-
-    def merged(data: dict) -> dict:
-        return throughput.merge_results(old, data) if old is not None else data
-
+    stub = {"environment": {"device": name, "torch": torch.__version__}, "settings": settings.record(), "results": {}}
+    merged = merge_into_existing(out, throughput.merge_results, stub, args.merge)
     data = merged(throughput.measure(settings, on_model=lambda d: write_json(out, merged(d))))
     write_json(out, data)
     print(f"wrote {out}", file=sys.stderr)

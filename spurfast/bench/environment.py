@@ -7,7 +7,7 @@ import json
 import platform
 import re
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -124,3 +124,18 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: dict, indent: int = 2) -> None:
     write_text(path, json.dumps(data, indent=indent, default=str) + "\n")
+
+
+def merge_into_existing(out: Path, merge_results: Callable[[dict, dict], dict], stub: dict, merge: bool
+                        ) -> Callable[[dict], dict]:
+    """With ``merge``, the function that folds new results into those already in ``out``; checks
+    ``stub`` (the new run's environment and settings) against them first, so that a mismatched file
+    is refused before any time is spent measuring. Without ``merge`` (or no file yet), the identity."""
+    old = json.loads(out.read_text()) if merge and out.exists() else None
+    if old is None:
+        return lambda data: data
+    try:
+        merge_results(old, stub)
+    except ValueError as exc:
+        raise SystemExit(str(exc))
+    return lambda data: merge_results(old, data)

@@ -1,12 +1,17 @@
-"""The README's quick start and the docstring examples run and say what they claim."""
+"""The README runs as pasted, its tables are what the committed results render to, and the
+docstring examples run and say what they claim."""
 import doctest
 import importlib
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
 DOCTEST_MODULES = [
     "spurfast._extension",
     "spurfast.capture",
@@ -21,20 +26,48 @@ DOCTEST_MODULES = [
     "spurfast.data.synth",
     "spurfast.data.patterns",
     "spurfast.data.transforms",
+    "spurfast.data.specs",
     "spurfast.metrics",
     "spurfast.train.erm",
     "spurfast.train.checkpoints",
+    "spurfast.report.runs",
 ]
 
 
-def test_readme_quick_start_runs(capsys):
-    text = (ROOT / "README.md").read_text()
-    quick_start = text.split("## Quick start", 1)[1]
+def readme_python_blocks():
+    """``(title, code, slow)`` of every ```python block; ``<!-- test: slow -->`` on the line before marks it slow."""
+    blocks = []
+    for match in re.finditer(r"(?P<before>[^\n]*)\n```python\n(?P<code>.*?)```", README, re.S):
+        heading = [h for h in re.findall(r"^#+ (.*)$", README[: match.start()], re.M)][-1]
+        slow = "<!-- test: slow" in match.group("before")
+        blocks.append(pytest.param(match.group("code"), id=heading, marks=[pytest.mark.slow] if slow else []))
+    return blocks
+
+
+def test_readme_opens_with_the_two_commands():
+    first_block = re.search(r"```bash\n(.*?)```", README, re.S).group(1).strip().splitlines()
+    assert first_block[:2] == ['pip install -e . && spurfast demo', 'pip install -e ".[test]" && python -m pytest -q tests']
+
+
+@pytest.mark.parametrize("code", readme_python_blocks())
+def test_readme_python_block_runs_as_pasted(code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # blocks that write files (checkpoints, plots) write them here
+    exec(compile(code, "README block", "exec"), {"__name__": "__readme__"})
+
+
+def test_readme_quick_start_prints_what_it_says(capsys):
+    quick_start = README.split("## Quick start", 1)[1]
     code = re.search(r"```python\n(.*?)```", quick_start, re.S).group(1)
     exec(compile(code, "README quick start", "exec"), {})
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "['0', '4']"
     assert out[1] == "torch.Size([32, 16])"
+
+
+def test_readme_tables_are_the_committed_results():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "readme_tables.py"), "--check"],
+                          capture_output=True, text=True, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("name", DOCTEST_MODULES)
@@ -43,3 +76,15 @@ def test_docstring_examples(name):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0, f"{name} has no example"
     assert result.failed == 0
+
+
+def test_readme_table_regions_are_replaced_one_by_one():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import readme_tables
+    finally:
+        sys.path.pop(0)
+    text = "a\n<!-- table: erm -->\n<!-- /table -->\nb\n<!-- table: nope -->\nold\n<!-- /table -->\nc\n"
+    new, changed, unknown = readme_tables.update(text)
+    assert changed == ["erm"] and unknown == ["nope"]
+    assert new.startswith("a\n<!-- table: erm -->\n| seed |") and new.endswith("\nb\n<!-- table: nope -->\nold\n<!-- /table -->\nc\n")

@@ -80,7 +80,7 @@ class TraceResult:
         One panel per mode (or only ``mode``); solid lines are the selected units, dashed the
         random control, error bars one std over draws. ``fixed`` holds the other variable
         (default: the first sigma when ``x="k"``, the largest k when ``x="sigma"``). Needs
-        matplotlib (``pip install 'spurfast[plot]'``).
+        matplotlib (a dependency of spurfast).
         """
         if x not in ("k", "sigma"):
             raise ValueError(f"x must be 'k' or 'sigma', got {x!r}")
@@ -90,7 +90,7 @@ class TraceResult:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError as e:
-            raise ImportError("TraceResult.plot needs matplotlib: pip install 'spurfast[plot]'") from e
+            raise ImportError("TraceResult.plot needs matplotlib: pip install matplotlib") from e
         rows = [r for r in self.rows if r["split"] == split]
         if not rows:
             raise ValueError(f"split: no rows for split {split!r}")

@@ -1,7 +1,7 @@
 """The ``spurfast`` torch.library namespace: op schemas are declared here once.
 
 Schemas are Python-side so that they exist with or without the compiled extension; each
-op module adds its CPU kernel (which calls ``spurfast._C`` lazily) and its fake impl.
+op module adds its CPU kernel (which loads the C++ extension lazily) and its fake impl.
 """
 from __future__ import annotations
 

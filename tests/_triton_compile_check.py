@@ -27,8 +27,12 @@ def compile_kernel(kernel, constexprs, pointer_dtypes, target):
             signature[name] = "*" + pointer_dtypes.get(name, "fp32")
         else:
             signature[name] = "i64" if name in STRIDES else "i32"
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    try:
+        source = ASTSource(fn=fn, signature=signature,
+                           constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    except TypeError:  # older Triton (3.0 checked): constexprs left out of the signature, passed by name
+        source = ASTSource(fn=fn, signature={k: v for k, v in signature.items() if v != "constexpr"},
+                           constants=dict(constexprs))
     return triton.compile(source, target=target)
 
 

@@ -146,16 +146,31 @@ def test_conv_string_padding_matches_torch_func(case):
             assert group_grad.shape == (3,) + weight_shape
             assert rel_err(grad_sq, want_sq) < TOL[torch.float64]
             assert rel_err(group_grad, want_gg) < TOL[torch.float64]
-    if interpreting() and triton_importable():  # Triton takes float32; inputs exact in float32 here
-        xf, gf = x.float(), g.float()
-        want_sq, want_gg = _expected(_func_conv(xf.double(), gf.double(), weight_shape, 1, padding, dilation, groups),
-                                     group_ids, 3)
-        for method in ("direct", "gram"):
-            grad_sq, group_grad = conv_grad_stats(
-                xf, gf, weight_shape, 1, padding, dilation, groups, group_ids, 3, backend="triton", method=method
-            )
-            assert rel_err(grad_sq, want_sq) < TOL[torch.float32]
-            assert rel_err(group_grad, want_gg) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("case", STRING_PADDING_CASES)
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_conv_string_padding_on_triton_matches_torch_func(case, triton_interpreter):
+    if not (interpreting() and triton_importable()):
+        pytest.skip("runs the Triton kernels on CPU through the interpreter; test_triton.py covers CUDA")
+    cin, cout, spatial, kernel, dilation, groups, padding = case
+    torch.manual_seed(9)
+    b = 4
+    weight_shape = (cout, cin // groups) + kernel
+    xf = torch.randn((b, cin) + spatial, dtype=torch.float64).float()  # Triton takes float32; same draws as above
+    conv = F.conv1d if len(spatial) == 1 else F.conv2d
+    out = conv(xf, torch.zeros(weight_shape), None, 1, padding, dilation, groups)
+    gf = torch.randn_like(out.double()).float()
+    group_ids = torch.tensor([2, 0, 2, 2])  # group 1 empty
+    # The expectation is computed in float64 from the float32 inputs themselves.
+    want_sq, want_gg = _expected(_func_conv(xf.double(), gf.double(), weight_shape, 1, padding, dilation, groups),
+                                 group_ids, 3)
+    for method in ("direct", "gram"):
+        grad_sq, group_grad = conv_grad_stats(
+            xf, gf, weight_shape, 1, padding, dilation, groups, group_ids, 3, backend="triton", method=method
+        )
+        assert rel_err(grad_sq, want_sq) < TOL[torch.float32]
+        assert rel_err(group_grad, want_gg) < TOL[torch.float32]
 
 
 def test_conv_bad_string_padding_raises_clearly():

@@ -47,6 +47,7 @@ LINEAR_SHAPES = [(5, 3, 20, 17), (4, 1, 9, 33), (3, 40, 8, 5), (6, 17, 70, 24), 
 @pytest.mark.parametrize("shape", LINEAR_SHAPES)
 @pytest.mark.parametrize("method", ["direct", "gram"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.usefixtures("triton_interpreter")
 def test_linear_kernels_within_twice_torch_error(shape, method, dtype):
     b, t, d, c = shape
     torch.manual_seed(hash(shape) % 1000)
@@ -75,6 +76,7 @@ CONV_CASES = [  # (in_ch, out_ch, spatial, kernel, stride, padding, dilation, gr
 
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("method", ["direct", "gram"])
+@pytest.mark.usefixtures("triton_interpreter")
 def test_conv_kernels_match_reference(case, method):
     cin, cout, spatial, kernel, stride, padding, dilation, groups = case
     torch.manual_seed(cout)
@@ -93,6 +95,7 @@ def test_conv_kernels_match_reference(case, method):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.usefixtures("triton_interpreter")
 def test_conv_kernels_low_precision(dtype):
     torch.manual_seed(3)
     x = torch.randn(3, 4, 6, 6).to(dtype)
@@ -108,6 +111,7 @@ def test_conv_kernels_low_precision(dtype):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("triton_interpreter")
 def test_activation_kernel_matches_reference(channels_last, dtype):
     torch.manual_seed(4)
     y = torch.randn(9, 70, 5).to(dtype)
@@ -119,6 +123,7 @@ def test_activation_kernel_matches_reference(channels_last, dtype):
         assert rel_err(a.cpu(), w) < 1e-5
 
 
+@pytest.mark.usefixtures("triton_interpreter")
 def test_neuron_stats_on_triton_backend_matches_torch_backend():
     torch.manual_seed(5)
     model = nn.Sequential(
@@ -142,6 +147,23 @@ def test_neuron_stats_on_triton_backend_matches_torch_backend():
         assert rel_err(fast.act_mean[name].cpu(), ref.act_mean[name].cpu()) < 2e-5
     for a, b in zip(results["triton"][1], results["torch"][1]):
         assert rel_err(a.cpu(), b.cpu()) < 2e-5
+
+
+def test_kernel_constexpr_annotations_are_objects_not_strings():
+    # `from __future__ import annotations` makes them strings, which Triton 3.0's interpreter
+    # does not take for constexpr: every argument then reaches the kernel as a tensor.
+    from spurfast.ops._triton import activation_stats as act_kernels
+    from spurfast.ops._triton import grad_stats as grad_kernels
+
+    kernels = [v for m in (act_kernels, grad_kernels) for v in vars(m).values()
+               if isinstance(v, (triton.runtime.JITFunction, triton.runtime.Autotuner))
+               or type(v).__name__ == "InterpretedFunction"]
+    assert len(kernels) >= 6
+    for kernel in kernels:
+        fn = kernel
+        while hasattr(fn, "fn"):  # autotuner -> jit function -> python function
+            fn = fn.fn
+        assert not [a for a in fn.__annotations__.values() if isinstance(a, str)], fn.__name__
 
 
 def test_triton_cost_model_prefers_gram_below_the_mma_width():

@@ -4,7 +4,9 @@ One kernel reads the layer output once and writes ``act [B, C]``; a second, tiny
 reduces ``act`` per group (samples sorted by group) with a two-pass mean / sum of squared
 deviations in float32, stored as float64 for the cross-batch merge.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: it turns `tl.constexpr` annotations into strings,
+# which the Triton 3.0 interpreter does not recognise as constexpr (it passes every argument as a
+# tensor, and `tl.arange(0, BLOCK)` fails); compiled Triton and newer interpreters (3.9 checked) accept both.
 
 import torch
 import triton

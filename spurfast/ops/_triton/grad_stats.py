@@ -16,7 +16,9 @@ Kernels (fp16/bf16/fp32 inputs, fp32 accumulation; fp32 dots in IEEE precision u
 * ``_group_gemm_kernel``: ``group_grad[g] = sum over the rows of group g of G^T U``, a
   segmented GEMM over samples sorted by group (used with the Gram path).
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: it turns `tl.constexpr` annotations into strings,
+# which the Triton 3.0 interpreter does not recognise as constexpr (it passes every argument as a
+# tensor, and `tl.arange(0, BLOCK)` fails); compiled Triton and newer interpreters (3.9 checked) accept both.
 
 import os
 from dataclasses import dataclass

@@ -71,7 +71,7 @@ class StudyConfig:
     def __post_init__(self):
         for name in ("epochs", "batch_size", "tracin_every", "hardest", "repeats", "top_k_samples", "eval_batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "epochs" else 1):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
@@ -281,8 +281,8 @@ def analyze(model, train, test, cfg: StudyConfig, roles, num_groups: int, seed: 
     influence = None
     if cfg.self_influence:
         started = time.perf_counter()
-        if checkpoints is None:
-            checkpoints, weights = None, 1.0
+        if checkpoints is None:  # a given model: its final weights only, at unit learning rate
+            weights = 1.0
         influence = self_influence_report(model, train, checkpoints, weights, localized, cfg, roles)
         timings["self_influence"] = time.perf_counter() - started
         log(f"self-influence AUROC {influence['auroc_minority_vs_majority']:.3f} in {timings['self_influence']:.1f} s")

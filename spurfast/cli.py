@@ -216,7 +216,7 @@ def cmd_localize(args) -> int:
         load_checkpoint_file(args.checkpoint, model)
         model.to(device)
     else:
-        _build_model(args.model, spec, args.width)  # an unknown model name fails now, not after loading data
+        _build_model(args.model, spec, args.width)  # an unknown model name fails now, before any training
     study = {"epochs": 30, "lr": args.lr, "optimizer": args.optimizer, "batch_size": args.batch_size,
              "hardest": args.hardest, "ks": tuple(args.ks), "modes": tuple(args.modes),
              "sigmas": tuple(args.sigmas), "repeats": 10}

@@ -183,6 +183,7 @@ def ablation_oracle(model, scores, train, cfg: StudyConfig, roles, before_train:
     out = {"drops": {_unit_name(u): [round(d, 2) for d in v] for u, v in drops.items()}, "targets": {}}
     for target in minority:
         ranking = [tuple(u) for u in localize(scores, k=len(units), group=target, exclude=cfg.exclude)]
+        ranked_scores = [float(scores[u[0]][target, u[1]]) for u in ranking]
         rank = {u: i for i, u in enumerate(ranking)}
         specific = sorted(
             (u for u, d in drops.items() if d[target] >= 10 and d[target] >= 3 * max(d[g] for g in majority)),
@@ -195,11 +196,9 @@ def ablation_oracle(model, scores, train, cfg: StudyConfig, roles, before_train:
                 {"unit": _unit_name(u), "drop": [round(d, 1) for d in drops[u]], "score_rank": rank[u]} for u in specific[:5]
             ],
             "score_top3": [{"unit": _unit_name(u), "drop": [round(d, 1) for d in drops[u]]} for u in ranking[:3]],
-            "scores": [float(scores[u[0]][target, u[1]]) for u in ranking],
+            "scores": ranked_scores,
             "ranked_units": [_unit_name(u) for u in ranking],
-            "spearman_score_vs_target_drop": spearman(
-                [float(scores[u[0]][target, u[1]]) for u in ranking], [drops[u][target] for u in ranking]
-            ),
+            "spearman_score_vs_target_drop": spearman(ranked_scores, [drops[u][target] for u in ranking]),
         }
     return out
 

@@ -17,6 +17,7 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor&, const at::Tenso
                                               at::IntArrayRef, int64_t, const at::Tensor&, int64_t,
                                               const std::string&);
 std::vector<at::Tensor> activation_stats_cpu(const at::Tensor&, const at::Tensor&, int64_t, bool);
+at::Tensor ablation_stats_cpu(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, bool);
 }  // namespace spurfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -27,6 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grad_sq [B, Cout] and group_grad [G, *W.shape] of a 2-D convolution (CPU)");
   m.def("activation_stats", &spurfast::activation_stats_cpu,
         "per-sample channel means and their per-group moments (CPU)");
+  m.def("ablation_stats", &spurfast::ablation_stats_cpu,
+        "first-order effect [B, C] of zeroing each weight row, from the output and its gradient (CPU)");
   m.def("openmp_max_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

@@ -10,6 +10,7 @@ Public API (everything else is internal)::
 from spurfast import ops
 from spurfast._extension import build_info
 from spurfast.capture import NeuronStats
+from spurfast.attribution.objectives import margin
 from spurfast.attribution import (
     Intervention,
     TraceResult,
@@ -45,6 +46,7 @@ __all__ = [
     "intervene",
     "localize",
     "magnitude",
+    "margin",
     "ops",
     "self_influence",
     "top_samples",

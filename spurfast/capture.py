@@ -15,6 +15,16 @@ Semantics, per tracked layer and recorded batch of B samples:
 * ``group_grad[name] [G, *W.shape]``: running sum over recorded samples of group g of
   ``d l_n / d W``.
 * ``last_act[name] [B, C]``: the layer output's mean over positions, per sample and channel.
+* ``last_ablation[name] [B, C]``: the first-order change of ``l_n`` when weight row c is
+  zeroed (bias kept), ``-<d l_n / d W[c], W[c]> = -sum_p grad_out[n, c, p] * (y[n, c, p] - b[c])``
+  (:func:`spurfast.ops.ablation_stats`); ``ablation_sum[name] [G, C]`` its running per-group sums.
+  It needs each layer's output in the backward: spurfast keeps a reference to it (no copy; it
+  is often kept anyway by the next layer). If an in-place op changed it (``ReLU(inplace=True)``
+  right after a Linear), the pre-bias output is recomputed from the saved input, one extra
+  forward-sized product for that layer.
+* The recorded objective can be any sum or mean of per-sample terms, e.g. the margin
+  (:func:`spurfast.margin`) for scoring; such a backward is for the statistics, not for an
+  optimizer step.
 * Layers whose inputs couple samples (BatchNorm in train mode upstream) get, for sample n,
   its *contribution* ``x_n``/``grad_out_n`` to the batch gradient; contributions still sum
   to the weight gradient.
@@ -36,6 +46,7 @@ import torch.nn.functional as F
 
 from spurfast._extension import warn_once
 from spurfast.ops._common import check_group_ids, reduce_per_sample_grad
+from spurfast.ops.ablation_stats import ablation_stats
 from spurfast.ops.activation_stats import activation_stats, merge_group_moments
 from spurfast.ops.conv_grad_stats import conv2d_per_sample_grad, conv_grad_stats, conv_padding
 from spurfast.ops.linear_grad_stats import as_tokens, linear_grad_stats, linear_per_sample_grad
@@ -82,6 +93,7 @@ class _Batch:
         self.act_sum: Dict[str, torch.Tensor] = {}  # [B, C] sum over calls of positions * mean
         self.act_positions: Dict[str, int] = {}
         self.act_moments: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.ablation: Dict[str, torch.Tensor] = {}  # [B, C] summed over calls, scaled to l_n
 
     def ids_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._ids_on:
@@ -98,10 +110,19 @@ class _LayerStatsFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
         if conv_args is None:
-            return F.linear(x, weight, bias)
-        stride, padding, dilation, groups = conv_args
-        conv = F.conv1d if weight.dim() == 3 else F.conv2d
-        return conv(x, weight, bias, stride, padding, dilation, groups)
+            out = F.linear(x, weight, bias)
+        else:
+            stride, padding, dilation, groups = conv_args
+            conv = F.conv1d if weight.dim() == 3 else F.conv2d
+            out = conv(x, weight, bias, stride, padding, dilation, groups)
+        ctx.out = None
+        if owner.track_ablation:
+            # An alias, not save_for_backward: an in-place op on the output later is allowed and
+            # detected through the shared version counter (the output is then recomputed).
+            ctx.out = out.detach()
+            ctx.out_version = ctx.out._version
+            ctx.bias = None if bias is None else bias.detach().clone()
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -121,7 +142,9 @@ class _LayerStatsFunction(torch.autograd.Function):
                 list(stride), list(padding), list(dilation), False, [0] * (w.dim() - 2), groups,
                 [needs_x, False, needs_b],
             )
-        grad_w = ctx.owner._on_backward(ctx.layer, x, grad_out, ctx.conv_args)
+        output = (ctx.out, ctx.out_version, ctx.bias, weight) if ctx.owner.track_ablation else None
+        grad_w = ctx.owner._on_backward(ctx.layer, x, grad_out, ctx.conv_args, output)
+        ctx.out = None  # release the output now; a second backward (retain_graph) recomputes it
         if grad_w is not None and needs_w:
             grad_w = grad_w.to(weight.dtype)
         else:
@@ -143,6 +166,8 @@ class NeuronStats:
             default and rejected when named: it uses their weights without calling them.
         track_group_grad: keep ``group_grad`` (``G * |W|`` memory per layer).
         track_activations: keep activation statistics.
+        track_ablation: keep the first-order ablation statistic (``last_ablation``,
+            ``ablation_sum``).
 
     Example::
 
@@ -166,6 +191,7 @@ class NeuronStats:
         *,
         track_group_grad: bool = True,
         track_activations: bool = True,
+        track_ablation: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -182,6 +208,7 @@ class NeuronStats:
         self.backend = backend
         self.track_group_grad = track_group_grad
         self.track_activations = track_activations
+        self.track_ablation = track_ablation
         self._model_ref = weakref.ref(model)
         self._layers: "OrderedDict[str, _Layer]" = self._select_layers(model, layers)
         self._batch: Optional[_Batch] = None
@@ -267,9 +294,13 @@ class NeuronStats:
         self._act_m2: Dict[str, torch.Tensor] = {}
         self.last_grad_sq: Dict[str, torch.Tensor] = {}
         self.last_act: Dict[str, torch.Tensor] = {}
+        self.ablation_sum: Dict[str, torch.Tensor] = {}
+        self.last_ablation: Dict[str, torch.Tensor] = {}
         for layer in self._layers.values():
             w = layer.module.weight
             self.grad_sq_sum[layer.name] = torch.zeros(self.num_groups, layer.out_channels, dtype=torch.float64, device=w.device)
+            if self.track_ablation:
+                self.ablation_sum[layer.name] = torch.zeros_like(self.grad_sq_sum[layer.name])
             if self.track_group_grad:
                 self.group_grad[layer.name] = torch.zeros((self.num_groups,) + tuple(w.shape), dtype=torch.float32, device=w.device)
             if self.track_activations:
@@ -288,6 +319,13 @@ class NeuronStats:
         """Per-group mean of ``grad_sq`` ``[G, C]`` (NaN for groups with no recorded sample)."""
         count = self.group_count.to(torch.float64)
         return {n: s / count.to(s.device).unsqueeze(1) for n, s in self.grad_sq_sum.items()}
+
+    def ablation_mean(self) -> Dict[str, torch.Tensor]:
+        """Per-group mean of ``last_ablation`` over all recorded samples ``[G, C]`` (NaN for empty groups)."""
+        if not self.track_ablation:
+            raise RuntimeError("this NeuronStats was created with track_ablation=False")
+        count = self.group_count.to(torch.float64)
+        return {n: s / count.to(s.device).unsqueeze(1) for n, s in self.ablation_sum.items()}
 
     def state_dict(self) -> Dict[str, object]:
         """Running statistics as a flat dict of tensors plus the settings they depend on."""
@@ -329,6 +367,8 @@ class NeuronStats:
 
     def _tables(self):
         yield "grad_sq_sum", self.grad_sq_sum
+        if self.track_ablation:
+            yield "ablation_sum", self.ablation_sum
         if self.track_group_grad:
             yield "group_grad", self.group_grad
         if self.track_activations:
@@ -478,8 +518,11 @@ class NeuronStats:
             batch.act_positions[layer.name] = positions
             batch.act_moments[layer.name] = (count, mean, m2)
 
-    def _on_backward(self, layer: _Layer, x: torch.Tensor, grad_out: torch.Tensor, conv_args) -> Optional[torch.Tensor]:
-        """Weight gradient of one call; records the batch statistics as a side effect."""
+    def _on_backward(self, layer: _Layer, x: torch.Tensor, grad_out: torch.Tensor, conv_args, output=None) -> Optional[torch.Tensor]:
+        """Weight gradient of one call; records the batch statistics as a side effect.
+
+        ``output``: ``(y, version, bias, weight)`` of the call when the ablation statistic is tracked.
+        """
         batch = self._batch_of(layer)
         module = layer.module
         if batch is None:
@@ -492,6 +535,9 @@ class NeuronStats:
         name = layer.name
         batch.grad_received[name] = batch.grad_received.get(name, 0) + 1
         ids = batch.ids_on(x.device)
+        ablation = None
+        if output is not None:
+            ablation = self._call_ablation(layer, x, grad_out, conv_args, *output) * batch.grad_scale
         if batch.grad_calls.get(name, 0) == 1:
             num_groups = self.num_groups if self.track_group_grad else 1
             op_ids = ids if self.track_group_grad else torch.zeros_like(ids)
@@ -507,7 +553,11 @@ class NeuronStats:
                 )
             grad_w = group_grad.sum(0)
             self._store_grad_stats(batch, layer, grad_sq, group_grad)
+            if ablation is not None:
+                batch.ablation[name] = ablation
             return grad_w
+        if ablation is not None:  # linear in the weight gradient: the calls add up
+            batch.ablation[name] = batch.ablation[name] + ablation if name in batch.ablation else ablation
         # Called several times: the per-sample gradient is the sum over calls, so keep it.
         if conv_args is None:
             per_sample = linear_per_sample_grad(as_tokens(x, "x"), as_tokens(grad_out, "grad_out"))
@@ -520,6 +570,26 @@ class NeuronStats:
         if batch.grad_received[name] == batch.grad_calls[name]:
             self._finish_multi_call(batch, layer)
         return per_sample.sum(0)
+
+    def _call_ablation(self, layer: _Layer, x, grad_out, conv_args, out, version, bias, weight) -> torch.Tensor:
+        if out is None or out._version != version:  # released or changed in place: recompute W x
+            if out is not None:
+                warn_once(
+                    f"ablation-inplace-{layer.name}",
+                    f"spurfast: the output of layer {layer.name!r} was modified in place after its forward "
+                    "(e.g. ReLU(inplace=True)); its ablation statistic recomputes the pre-bias output "
+                    "from the saved input (one extra forward-sized product per backward)",
+                )
+            with torch.no_grad():
+                w = weight.to(x.dtype)
+                if conv_args is None:
+                    out = F.linear(x, w)
+                else:
+                    conv = F.conv1d if w.dim() == 3 else F.conv2d
+                    out = conv(x, w, None, *conv_args)
+            bias = None
+        channel_dim = -1 if conv_args is None else 1
+        return ablation_stats(out, grad_out, bias, channel_dim=channel_dim, backend=self.backend, check_inputs=False)
 
     def _batch_of(self, layer: _Layer) -> Optional[_Batch]:
         batch = self._batch
@@ -554,6 +624,14 @@ class NeuronStats:
                 last_grad_sq[layer.name] = batch.grad_sq.get(
                     layer.name, torch.zeros(batch.size, layer.out_channels, device=w.device)
                 )
+        ablation_full: Dict[str, torch.Tensor] = {}  # full precision, for the float64 sums
+        if any_grad and self.track_ablation:
+            for layer in self._layers.values():
+                w = layer.module.weight
+                ablation_full[layer.name] = batch.ablation.get(
+                    layer.name, torch.zeros(batch.size, layer.out_channels, device=w.device)
+                )
+        last_ablation = {n: t.float() for n, t in ablation_full.items()}
         last_act: Dict[str, torch.Tensor] = {}
         moments = {}
         for name, act_sum in batch.act_sum.items():
@@ -566,9 +644,10 @@ class NeuronStats:
                     act.unsqueeze(-1), batch.ids_on(act.device), self.num_groups, backend=self.backend, check_inputs=False
                 )
                 moments[name] = (count, mean, m2)
-        finite = [torch.isfinite(t).all() for t in list(last_grad_sq.values()) + list(last_act.values())]
+        checked = list(last_grad_sq.items()) + list(last_act.items()) + list(last_ablation.items())
+        finite = [torch.isfinite(t).all() for _, t in checked]
         if finite and not bool(torch.stack([f.cpu() for f in finite]).all()):
-            bad = [n for n, t in list(last_grad_sq.items()) + list(last_act.items()) if not bool(torch.isfinite(t).all())]
+            bad = [n for n, t in checked if not bool(torch.isfinite(t).all())]
             raise FloatingPointError(
                 f"non-finite statistics (NaN/Inf in the activations or gradients) in layers {sorted(set(bad))}; "
                 "this batch was not recorded"
@@ -580,8 +659,12 @@ class NeuronStats:
                 self.grad_sq_sum[name].index_add_(0, ids, grad_sq.double())
                 if self.track_group_grad and name in batch.group_grad:
                     self.group_grad[name].add_(batch.group_grad[name], alpha=batch.grad_scale)
+            for name, ablation in ablation_full.items():
+                self.ablation_sum[name].index_add_(0, batch.ids_on(ablation.device), ablation.double())
             self.group_count += counts
             self.last_grad_sq = last_grad_sq
+            if self.track_ablation:
+                self.last_ablation = last_ablation
         for name, (count, mean, m2) in moments.items():
             self.act_count[name], self.act_mean[name], self._act_m2[name] = merge_group_moments(
                 self.act_count[name], self.act_mean[name], self._act_m2[name],

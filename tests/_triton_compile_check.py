@@ -9,10 +9,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+import spurfast.ops._triton.ablation_stats as ablation_kernels
 import spurfast.ops._triton.activation_stats as act_kernels
 import spurfast.ops._triton.grad_stats as grad_kernels
 
-STRIDES = {"sxn", "sxc", "sxh", "sxw", "sgn", "sgc", "sgl", "syn", "syc", "syp"}
+STRIDES = {"sxn", "sxc", "sxh", "sxw", "sgn", "sgc", "sgl", "sgp", "syn", "syc", "syp"}
 
 
 def compile_kernel(kernel, constexprs, pointer_dtypes, target):
@@ -50,6 +51,9 @@ def main(arch: int) -> None:
         compile_kernel(grad_kernels._gram_contract_kernel, dict(PRECISION="ieee", BLOCK_L=32, BLOCK_C=32),
                        {"g_ptr": dtype}, target)
         compile_kernel(act_kernels._channel_means_kernel, dict(BLOCK_C=64, BLOCK_P=64), {"y_ptr": dtype}, target)
+        for has_bias in (True, False):
+            compile_kernel(ablation_kernels._ablation_kernel, dict(HAS_BIAS=has_bias, BLOCK_C=64, BLOCK_P=64),
+                           {"y_ptr": dtype, "g_ptr": dtype}, target)
     compile_kernel(act_kernels._group_moments_kernel, dict(BLOCK_C=128),
                    {"order_ptr": "i64", "seg_ptr": "i64", "mean_ptr": "fp64", "m2_ptr": "fp64"}, target)
     print("compiled")

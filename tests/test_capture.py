@@ -143,6 +143,14 @@ def test_statistics_match_torch_func(name, backend, reduction, has_ext):
         want_sum = torch.stack([want_sq[group_ids == g].sum(0) for g in range(num_groups)])
         assert rel_err(stats.grad_sq_sum[layer], want_sum) < TOL[torch.float32]
         w = modules[layer].weight
+        want_ab = -(psg * w.detach()).flatten(2).sum(-1)  # first-order effect of zeroing row c
+        assert stats.last_ablation[layer].dtype == torch.float32
+        assert rel_err(stats.last_ablation[layer], want_ab) < TOL[torch.float32]
+        want_ab_sum = torch.stack([want_ab[group_ids == g].sum(0) for g in range(num_groups)])
+        assert stats.ablation_sum[layer].dtype == torch.float64
+        assert rel_err(stats.ablation_sum[layer], want_ab_sum) < TOL[torch.float64]
+        assert torch.isnan(stats.ablation_mean()[layer][1]).all()  # empty group
+        assert rel_err(stats.ablation_mean()[layer][2], want_ab[group_ids == 2].mean(0)) < TOL[torch.float64]
         assert rel_err(w.grad, dict(plain.named_parameters())[f"{layer}.weight"].grad) < TOL[torch.float64]
     for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
         assert rel_err(p.grad, q.grad) < TOL[torch.float64], n
@@ -213,6 +221,9 @@ def test_batchnorm_train_mode_contributions_sum_to_weight_grad(has_ext):
     ]) * 8  # per-sample scale of a mean loss
     want_sq = contributions.flatten(2).square().sum(-1)
     assert rel_err(stats.last_grad_sq["0"], want_sq) < TOL[torch.float32]
+    want_ab = -(contributions * model[0].weight.detach()).flatten(2).sum(-1)
+    assert rel_err(stats.last_ablation["0"], want_ab) < TOL[torch.float32]
+    assert rel_err(stats.ablation_sum["0"].sum(0) / 8, -(model[0].weight.grad * model[0].weight.detach()).flatten(1).sum(1)) < TOL[torch.float32]
     assert rel_err(stats.group_grad["0"].sum(0) / 8, model[0].weight.grad) < TOL[torch.float32]
 
 
@@ -557,3 +568,85 @@ def test_record_without_forward_inside_warns():
         with pytest.raises(KeyError), stats.record(ids):
             raise KeyError("an exception exit does not warn")
     assert stats.group_count.tolist() == [4, 3] and stats.act_count["net.0"].tolist() == [8, 6]
+
+
+class InplaceMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.relu, self.fc2 = nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ablation_with_inplace_op_on_the_output_recomputes_it(backend, has_ext):
+    """ReLU(inplace=True) right after a Linear changes the output the statistic reads: spurfast
+    notices (version counter), warns once and recomputes W x; results equal torch.func's."""
+    if backend == "cpp" and not has_ext:
+        pytest.skip("compiled extension not built")
+    torch.manual_seed(2)
+    model = InplaceMLP().double().eval()
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
+    per_sample = _per_sample_grads(model, x, y)
+    stats = sf.NeuronStats(model, num_groups=1, backend=backend)
+    sf._extension._warned.discard("ablation-inplace-fc1")
+    with pytest.warns(RuntimeWarning, match="output of layer .fc1. was modified in place"):
+        with stats.record(torch.zeros(7, dtype=torch.long)):
+            F.cross_entropy(model(x), y).backward()
+    for layer in ("fc1", "fc2"):
+        want = -(per_sample[f"{layer}.weight"] * dict(model.named_modules())[layer].weight.detach()).flatten(2).sum(-1)
+        assert rel_err(stats.last_ablation[layer], want) < TOL[torch.float32]
+
+
+def test_margin_objective_ablation_predicts_the_exact_margin_change_of_a_linear_head():
+    """For the last layer the margin is piecewise linear in W[c]: the first-order effect of zeroing
+    a row is exact as long as the runner-up class does not change."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)).double().eval()
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 4, (9,))
+    stats = sf.NeuronStats(model, num_groups=1, loss_reduction="sum")
+    with stats.record(torch.zeros(9, dtype=torch.long)):
+        sf.margin(model(x), y).sum().backward()
+    with torch.no_grad():
+        base = sf.margin(model(x), y)
+        head = model[2]
+        for c in range(4):
+            saved = head.weight[c].clone()
+            head.weight[c] = 0
+            logits = model(x)
+            head.weight[c] = saved
+            changed = sf.margin(logits, y) - base
+            same_runner_up = _runner_up(logits, y) == _runner_up(model(x), y)
+            est = stats.last_ablation["2"][:, c].double()
+            assert same_runner_up.any()
+            assert torch.allclose(est[same_runner_up], changed[same_runner_up], atol=1e-5)
+
+
+def _runner_up(logits, labels):
+    other = logits.clone()
+    other[torch.arange(len(labels)), labels] = -float("inf")
+    return other.argmax(1)
+
+
+def test_track_ablation_false_keeps_no_ablation_and_state_dict_round_trips():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    x, y, ids = torch.randn(6, 4), torch.randint(0, 2, (6,)), torch.tensor([0, 1, 1, 0, 1, 1])
+    off = sf.NeuronStats(model, num_groups=2, track_ablation=False)
+    with off.record(ids):
+        F.cross_entropy(model(x), y).backward()
+    assert off.last_ablation == {} and off.ablation_sum == {}
+    with pytest.raises(RuntimeError, match="track_ablation=False"):
+        off.ablation_mean()
+    on = sf.NeuronStats(model, num_groups=2)
+    with on.record(ids):
+        F.cross_entropy(model(x), y).backward()
+    state = on.state_dict()
+    assert "ablation_sum.0" in state
+    copy_ = sf.NeuronStats(model, num_groups=2)
+    copy_.load_state_dict(state)
+    assert torch.equal(copy_.ablation_sum["2"], on.ablation_sum["2"])
+    del state["ablation_sum.2"]
+    with pytest.raises(KeyError, match="ablation_sum.2"):
+        copy_.load_state_dict(state)

@@ -8,6 +8,8 @@ from torch.func import grad, vmap
 
 import spurfast
 from spurfast.ops import (
+    ablation_stats,
+    ablation_stats_reference,
     activation_stats,
     activation_stats_reference,
     conv_grad_stats,
@@ -415,3 +417,82 @@ def test_multi_chunk_paths_match_reference(has_ext):
     want = conv_grad_stats_reference(xc.double(), gc.double(), (512, 512, 3, 3), 1, 1, 1, 1, ids, 2)
     for a, w in zip(conv_grad_stats(xc, gc, (512, 512, 3, 3), 1, 1, 1, 1, ids, 2, backend="cpp", method="direct"), want):
         assert rel_err(a, w) < TOL[torch.float32]
+
+
+# ---------------------------------------------------------------- ablation statistic
+
+
+@pytest.mark.parametrize("kind", ["linear", "tokens", "conv", "conv1d", "grouped"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_ablation_stats_matches_per_sample_grad_definition(kind, with_bias, has_ext):
+    """-<dW_n[c], W[c]> from per-sample gradients equals the output-gradient form on every backend."""
+    torch.manual_seed(11)
+    dt = torch.float64
+    if kind in ("linear", "tokens"):
+        shape = (6, 9) if kind == "linear" else (6, 4, 9)
+        x = torch.randn(shape, dtype=dt)
+        w, b = torch.randn(5, 9, dtype=dt), torch.randn(5, dtype=dt)
+        y = F.linear(x, w, b if with_bias else None)
+        g = torch.randn_like(y)
+        per_sample = linear_grad_stats(x, g, torch.arange(6), 6, backend="torch")[1]  # one group per sample
+        channel_dim = -1
+    else:
+        groups = 3 if kind == "grouped" else 1
+        if kind == "conv1d":
+            x = torch.randn(6, 3, 11, dtype=dt)
+            w = torch.randn(4, 3, 3, dtype=dt)
+            y = F.conv1d(x, w, None, 2, 1)
+            stride, padding = 2, 1
+        else:
+            x = torch.randn(6, 3, 7, 7, dtype=dt)
+            w = torch.randn(6, 3 // groups, 3, 3, dtype=dt)
+            stride, padding = 1, 1
+            y = F.conv2d(x, w, None, stride, padding, 1, groups)
+        b = torch.randn(w.shape[0], dtype=dt)
+        if with_bias:
+            y = y + b.view(1, -1, *([1] * (y.dim() - 2)))
+        g = torch.randn_like(y)
+        per_sample = conv_grad_stats(x, g, w.shape, stride, padding, 1, groups, torch.arange(6), 6, backend="torch")[1]
+        channel_dim = 1
+    want = ablation_stats_reference(per_sample, w)  # [B, C]
+    backends = ["torch", "cpp"] if has_ext else ["torch"]
+    for backend in backends:
+        got = ablation_stats(y, g, b if with_bias else None, channel_dim=channel_dim, backend=backend)
+        assert got.dtype == torch.float64
+        assert rel_err(got, want) < TOL[torch.float64], backend
+        got32 = ablation_stats(y.float(), g.float(), b.float() if with_bias else None, channel_dim=channel_dim, backend=backend)
+        assert got32.dtype == torch.float32
+        assert rel_err(got32.double(), want) < TOL[torch.float32], backend
+
+
+def test_ablation_stats_rejects_bad_inputs_clearly():
+    y = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match=r"grad_out must have the shape of y \[4, 3, 5\], got \[4, 3\]"):
+        ablation_stats(y, torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"bias must have shape \[3\] \(one entry per channel\), got \[5\]"):
+        ablation_stats(y, torch.randn_like(y), torch.randn(5))
+    with pytest.raises(ValueError, match="channel_dim must be 1 or -1, got 0"):
+        ablation_stats(y, torch.randn_like(y), channel_dim=0)
+    with pytest.raises(TypeError, match="grad_out must be float16/bfloat16/float32/float64"):
+        ablation_stats(y, torch.ones(4, 3, 5, dtype=torch.int64))
+    with pytest.raises(FloatingPointError, match="grad_out contains NaN or Inf"):
+        ablation_stats(y, torch.full_like(y, float("nan")))
+
+
+@given(
+    b=st.integers(0, 5), c=st.integers(1, 9), p=st.integers(0, 7), channels_last=st.booleans(),
+    with_bias=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_property_ablation_cpp_equals_torch(b, c, p, channels_last, with_bias, seed):
+    if spurfast._extension.load_extension() is None:
+        pytest.skip("compiled extension not built")
+    gen = torch.Generator().manual_seed(seed)
+    shape = (b, p, c) if channels_last else (b, c, p)
+    y = torch.randn(shape, generator=gen, dtype=torch.float64)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    bias = torch.randn(c, generator=gen, dtype=torch.float64) if with_bias else None
+    dim = -1 if channels_last else 1
+    got = ablation_stats(y, g, bias, channel_dim=dim, backend="cpp")
+    want = ablation_stats(y, g, bias, channel_dim=dim, backend="torch")
+    assert got.shape == want.shape == (b, c)
+    assert got.numel() == 0 or rel_err(got, want) < TOL[torch.float64]

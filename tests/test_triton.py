@@ -10,6 +10,7 @@ from einops import einsum
 
 import spurfast as sf
 from spurfast.ops import (
+    ablation_stats,
     activation_stats,
     activation_stats_reference,
     conv2d_grad_stats_reference,
@@ -123,6 +124,23 @@ def test_activation_kernel_matches_reference(channels_last, dtype):
         assert rel_err(a.cpu(), w) < 1e-5
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.usefixtures("triton_interpreter")
+def test_ablation_kernel_matches_reference(channels_last, with_bias, dtype):
+    torch.manual_seed(6)
+    y = torch.randn(5, 70, 90).to(dtype)
+    g = torch.randn(5, 70, 90).to(dtype)
+    bias = torch.randn(90 if channels_last else 70) if with_bias else None
+    dim = -1 if channels_last else 1
+    want = ablation_stats(y.double(), g.double(), None if bias is None else bias.double(), channel_dim=dim, backend="torch")
+    got = ablation_stats(y.to(DEVICE), g.to(DEVICE), None if bias is None else bias.to(DEVICE), channel_dim=dim, backend="triton")
+    assert got.dtype == torch.float32
+    # inputs are exact in `dtype`; only float32 accumulation separates kernel and reference
+    assert rel_err(got.cpu().double(), want) < 1e-5
+
+
 @pytest.mark.usefixtures("triton_interpreter")
 def test_neuron_stats_on_triton_backend_matches_torch_backend():
     torch.manual_seed(5)
@@ -145,6 +163,7 @@ def test_neuron_stats_on_triton_backend_matches_torch_backend():
         assert rel_err(fast.last_grad_sq[name].cpu(), ref.last_grad_sq[name].cpu()) < 2e-5
         assert rel_err(fast.group_grad[name].cpu(), ref.group_grad[name].cpu()) < 2e-5
         assert rel_err(fast.act_mean[name].cpu(), ref.act_mean[name].cpu()) < 2e-5
+        assert rel_err(fast.last_ablation[name].cpu(), ref.last_ablation[name].cpu()) < 2e-5
     for a, b in zip(results["triton"][1], results["torch"][1]):
         assert rel_err(a.cpu(), b.cpu()) < 2e-5
 
@@ -152,13 +171,14 @@ def test_neuron_stats_on_triton_backend_matches_torch_backend():
 def test_kernel_constexpr_annotations_are_objects_not_strings():
     # `from __future__ import annotations` makes them strings, which Triton 3.0's interpreter
     # does not take for constexpr: every argument then reaches the kernel as a tensor.
+    from spurfast.ops._triton import ablation_stats as ablation_kernels
     from spurfast.ops._triton import activation_stats as act_kernels
     from spurfast.ops._triton import grad_stats as grad_kernels
 
-    kernels = [v for m in (act_kernels, grad_kernels) for v in vars(m).values()
+    kernels = [v for m in (act_kernels, grad_kernels, ablation_kernels) for v in vars(m).values()
                if isinstance(v, (triton.runtime.JITFunction, triton.runtime.Autotuner))
                or type(v).__name__ == "InterpretedFunction"]
-    assert len(kernels) >= 6
+    assert len(kernels) >= 7
     for kernel in kernels:
         fn = kernel
         while hasattr(fn, "fn"):  # autotuner -> jit function -> python function

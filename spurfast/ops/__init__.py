@@ -3,11 +3,14 @@
 Each op takes a ``backend`` (``"auto"``, ``"torch"``, ``"cpp"``) and is also registered as
 a ``torch.ops.spurfast.*`` custom op with a fake impl.
 """
+from spurfast.ops.ablation_stats import ablation_stats, ablation_stats_reference
 from spurfast.ops.activation_stats import activation_stats, activation_stats_reference, merge_group_moments
 from spurfast.ops.conv_grad_stats import conv2d_grad_stats_reference, conv_grad_stats, conv_grad_stats_reference
 from spurfast.ops.linear_grad_stats import linear_grad_stats, linear_grad_stats_reference
 
 __all__ = [
+    "ablation_stats",
+    "ablation_stats_reference",
     "activation_stats",
     "activation_stats_reference",
     "conv2d_grad_stats_reference",

@@ -10,8 +10,15 @@ Public API (everything else is internal)::
 from spurfast import ops
 from spurfast._extension import build_info
 from spurfast.capture import NeuronStats
-from spurfast.attribution.objectives import margin
 from spurfast.attribution import (
+    AblationScores,
+    OracleResult,
+    ablation_oracle,
+    ablation_scores,
+    iterative_localize,
+    margin,
+    memorized_examples,
+    verified_localize,
     Intervention,
     TraceResult,
     intervene,
@@ -32,6 +39,13 @@ from spurfast.attribution import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "AblationScores",
+    "OracleResult",
+    "ablation_oracle",
+    "ablation_scores",
+    "iterative_localize",
+    "memorized_examples",
+    "verified_localize",
     "Intervention",
     "NeuronScores",
     "NeuronStats",

@@ -1,0 +1,350 @@
+"""Which score finds the neurons whose removal matters? Every score against the exact oracle.
+
+For each training seed: train by ERM, measure the exact ablation oracle on the training split
+(every eligible unit zeroed alone), compute each score, and for each minority target group
+report the score's Spearman correlation with the oracle's target drop over all eligible units,
+the rank of the first *group-specific* unit (zeroing it alone drops the target's training
+accuracy by >= 10 points and by >= 3x the larger majority drop), the oracle drops of its top-1
+and top-3, and the paper's claim read out by :func:`~spurfast.attribution.trace` on train and
+test. Then a split-half check of verified localization, and the samples each verified unit
+holds (first-order against exact).
+
+Used by ``benchmarks/localization.py``; computes only (tables live in :mod:`spurfast.report`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from spurfast.attribution import (
+    ablation_oracle,
+    ablation_scores,
+    grad_sq_contrast,
+    group_gradient,
+    group_profile,
+    iterative_localize,
+    localize,
+    magnitude,
+    memorized_examples,
+    trace,
+    verified_localize,
+)
+from spurfast.attribution.scores import NeuronScores, Unit, as_tensors
+from spurfast.experiments.memorization import StudyConfig, group_roles, spearman, summarize, train_with_checkpoints
+from spurfast.metrics import evaluate
+
+#: Scores compared, in table order. "verified" and "iterative" are built on FAST_DEFAULT.
+SCORES = (
+    "magnitude", "group_gradient", "grad_sq_contrast",
+    "ablation_loss_mean", "ablation_loss_flip_rate", "ablation_loss_contrast",
+    "ablation_margin_mean", "ablation_margin_flip_rate", "ablation_margin_contrast",
+    "verified", "iterative",
+)
+FAST_DEFAULT = "ablation_margin_contrast"
+
+
+@dataclasses.dataclass
+class LocalizationConfig:
+    """Settings of the localization benchmark; the training settings are a :class:`StudyConfig`'s."""
+
+    study: StudyConfig
+    candidates: int = 64
+    penalty: float = 3.0
+    scores: Sequence[str] = SCORES
+    split_half: bool = True
+    split_seed: int = 0
+
+    def to_dict(self) -> Dict[str, object]:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "study"}
+        out["scores"] = list(self.scores)
+        out["study"] = self.study.to_dict()
+        return out
+
+
+def specific_units(drop: torch.Tensor, units: Sequence[Unit], target: int, majority: Sequence[int]) -> List[Unit]:
+    """Units whose exact drop of ``target`` is >= 10 points and >= 3x the larger majority drop."""
+    worst = drop[:, list(majority)].max(1).values
+    ok = (drop[:, target] >= 10) & (drop[:, target] >= 3 * worst)
+    return [u for u, keep in zip(units, ok.tolist()) if keep]
+
+
+def _as_score(values: NeuronScores, target: int) -> NeuronScores:
+    return values.for_group(target) if values.grouped else values
+
+
+def _all_ranked(scores: NeuronScores, exclude) -> List[Unit]:
+    total = len(localize(scores, k=10**9, exclude=exclude, per_layer=True))
+    return localize(scores, k=total, exclude=exclude)
+
+
+def rank_report(ranking: Sequence[Unit], values: Optional[Sequence[float]], oracle, target: int, majority,
+                specific: Sequence[Unit]) -> Dict[str, object]:
+    """Spearman of ``values`` (aligned with ``ranking``) with the oracle's target drop, the 1-based rank
+    of the first specific unit, top-1/top-3 oracle drops."""
+    index = {u: i for i, u in enumerate(oracle.units)}
+    drop = oracle.drop
+    specific = set(specific)
+    first = next((i + 1 for i, u in enumerate(ranking) if u in specific), None)
+    out = {
+        "spearman": None if values is None else spearman(list(values), [float(drop[index[u], target]) for u in ranking]),
+        "rank_first_specific": first if specific else None,
+        "top1_specific": bool(ranking) and ranking[0] in specific,
+        "top_units": [f"{u.layer}:{u.channel}" for u in ranking[:3]],
+        "top1_drop": [round(float(d), 2) for d in drop[index[ranking[0]]]],
+        "top3_drops": [[round(float(d), 2) for d in drop[index[u]]] for u in ranking[:3]],
+    }
+    if out["spearman"] is not None and out["spearman"] != out["spearman"]:
+        out["spearman"] = None  # constant score
+    return out
+
+
+def compute_rankings(model, train, cfg: LocalizationConfig, roles, num_groups: int, oracle, log=lambda s: None):
+    """``{score: {target: (ranking, values or None, extra)}}`` and the seconds each score took."""
+    majority, minority = roles
+    exclude = cfg.study.exclude
+    out: Dict[str, Dict[int, tuple]] = {s: {} for s in cfg.scores}
+    seconds: Dict[str, float] = {}
+
+    def timed(name, fn):
+        started = time.perf_counter()
+        value = fn()
+        seconds[name] = round(time.perf_counter() - started, 3)
+        return value
+
+    def put(name, per_target_scores):
+        for target, score in per_target_scores.items():
+            ranking = _all_ranked(score, exclude)
+            out[name][target] = (ranking, [float(score[u.layer][u.channel]) for u in ranking], {})
+
+    wanted = set(cfg.scores)
+    if "magnitude" in wanted:
+        m = timed("magnitude", lambda: magnitude(model))
+        put("magnitude", {t: m for t in minority})
+    if "group_gradient" in wanted:
+        gg = timed("group_gradient", lambda: group_gradient(model, train, num_groups, hardest=cfg.study.hardest))
+        put("group_gradient", {t: gg.for_group(t) for t in minority})
+    if "grad_sq_contrast" in wanted:
+        profile = timed("grad_sq_contrast", lambda: group_profile(model, train, num_groups))
+        put("grad_sq_contrast", {t: grad_sq_contrast(profile, t, majority) for t in minority})
+    for objective in ("loss", "margin"):
+        names = [f"ablation_{objective}_{s}" for s in ("mean", "flip_rate", "contrast")]
+        if not wanted & set(names):
+            continue
+        scores = timed(f"ablation_{objective}", lambda: ablation_scores(model, train, num_groups, objective))
+        if names[0] in wanted:
+            put(names[0], {t: scores.harm.for_group(t) for t in minority})
+        if names[1] in wanted:
+            put(names[1], {t: scores.flip_rate.for_group(t) for t in minority})
+        if names[2] in wanted:
+            put(names[2], {t: scores.contrast(t, majority) for t in minority})
+    if "verified" in wanted:
+        started = time.perf_counter()
+        for t in minority:
+            score = _fast_scores(model, train, num_groups, t, majority)
+            found = verified_localize(model, train, num_groups, t, k=3, scores=score, candidates=cfg.candidates,
+                                      majority=majority, penalty=cfg.penalty, exclude=exclude)
+            checked = set(found.candidates)
+            rest = [u for u in _all_ranked(score, exclude) if u not in checked]
+            order = torch.sort(found.utility, descending=True, stable=True).indices.tolist()
+            ranking = [found.candidates[i] for i in order] + rest
+            # ranks stand in for scores: the verified candidates by utility, then the fast order
+            values = [float(len(ranking) - i) for i in range(len(ranking))]
+            extra = {"candidates": len(found.candidates), "oracle_seconds": round(found.seconds["oracle"], 3),
+                     "utility_top3": [round(float(found.utility[i]), 2) for i in order[:3]]}
+            out["verified"][t] = (ranking, values, extra)
+        seconds["verified"] = round(time.perf_counter() - started, 3)
+    if "iterative" in wanted:
+        started = time.perf_counter()
+        for t in minority:
+            units = iterative_localize(model, train, num_groups, t, k=max(cfg.study.ks), majority=majority,
+                                       exclude=exclude)
+            out["iterative"][t] = (units, None, {})
+        seconds["iterative"] = round(time.perf_counter() - started, 3)
+    log("scores: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    return out, seconds
+
+
+def _fast_scores(model, train, num_groups, target, majority) -> NeuronScores:
+    return ablation_scores(model, train, num_groups, "margin").contrast(target, majority)
+
+
+def _halves(group_ids: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors ``(a, b)``: each group's samples split in two halves at random (seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    a, b = [], []
+    for g in torch.unique(group_ids).tolist():
+        members = (group_ids == g).nonzero().squeeze(1)
+        members = members[torch.randperm(len(members), generator=generator)]
+        half = (len(members) + 1) // 2
+        a.append(members[:half])
+        b.append(members[half:])
+    return torch.cat(a).sort().values, torch.cat(b).sort().values
+
+
+def split_half(model, train, cfg: LocalizationConfig, roles, num_groups: int, seed: int) -> Dict[str, object]:
+    """Select and verify on half A of each group's training samples, read the exact drops out on half B."""
+    majority, minority = roles
+    x, y, g = as_tensors(train, "train")
+    a, b = _halves(g, cfg.split_seed + seed)
+    half_a, half_b = (x[a], y[a], g[a]), (x[b], y[b], g[b])
+    out = {}
+    for t in minority:
+        fast = _fast_scores(model, half_a, num_groups, t, majority)
+        found = verified_localize(model, half_a, num_groups, t, k=max(cfg.study.ks), scores=fast,
+                                  candidates=cfg.candidates, majority=majority, penalty=cfg.penalty,
+                                  exclude=cfg.study.exclude)
+        unverified = localize(fast, k=max(cfg.study.ks), exclude=cfg.study.exclude)
+        entry = {}
+        for name, units in (("verified", found.units), ("unverified", unverified)):
+            on_a = ablation_oracle(model, half_a, num_groups, units)
+            on_b = ablation_oracle(model, half_b, num_groups, units)
+            entry[name] = {
+                "units": [f"{u.layer}:{u.channel}" for u in units],
+                "drop_on_a": [[round(float(d), 2) for d in row] for row in on_a.drop],
+                "drop_on_b": [[round(float(d), 2) for d in row] for row in on_b.drop],
+                "top1_specific_on_a": bool(specific_units(on_a.drop[:1], units[:1], t, majority)),
+                "top1_specific_on_b": bool(specific_units(on_b.drop[:1], units[:1], t, majority)),
+            }
+        out[str(t)] = entry
+    return out
+
+
+def claim_cells(rows, target: int, majority: Sequence[int]) -> List[Dict[str, object]]:
+    """Per (mode, sigma, k, split) of one seed's trace rows: target, majority and control drops, and the claim."""
+    cells: Dict[tuple, Dict[str, float]] = {}
+    for r in rows:
+        key = (r["mode"], r["sigma"], r["k"], r["split"])
+        cell = cells.setdefault(key, {})
+        if r["units"] == "selected":
+            cell[f"g{r['group']}"] = -100 * r["change_mean"]
+        elif r["group"] == target:
+            cell["control"] = -100 * r["change_mean"]
+    out = []
+    for (mode, sigma, k, split), cell in cells.items():
+        drop = cell[f"g{target}"]
+        worst = max(cell[f"g{m}"] for m in majority)
+        control = cell.get("control", float("nan"))
+        met = drop >= 10 and drop >= 3 * worst and (control != control or drop >= 3 * control)
+        out.append({"mode": mode, "sigma": sigma, "k": k, "split": split, "target_drop": round(drop, 2),
+                    "majority_drop": round(worst, 2), "control_drop": round(control, 2), "claim_met": bool(met)})
+    return out
+
+
+def analyze_seed(model, train, test, cfg: LocalizationConfig, roles, num_groups: int, seed: int,
+                 log: Callable[[str], None] = lambda s: None):
+    """Everything for one trained model: ``(cases, trace rows, seed record)``."""
+    majority, minority = roles
+    study = cfg.study
+    model.eval()
+    record: Dict[str, object] = {"seed": seed, "seconds": {}}
+    record["before_group_acc"] = {
+        name: [round(100 * a, 2) for a in evaluate(model, ds, num_groups=num_groups).group_acc.tolist()]
+        for name, ds in (("train", train), ("test", test))
+    }
+    oracle = ablation_oracle(model, train, num_groups, exclude=study.exclude)
+    record["seconds"]["oracle"] = round(oracle.seconds, 2)
+    record["oracle_seconds_per_unit"] = round(oracle.seconds_per_unit, 4)
+    record["oracle"] = oracle.to_dict()
+    log(f"oracle: {len(oracle.units)} units in {oracle.seconds:.1f} s ({oracle.seconds_per_unit * 1000:.0f} ms per unit)")
+    rankings, score_seconds = compute_rankings(model, train, cfg, roles, num_groups, oracle, log)
+    record["seconds"]["scores"] = score_seconds
+    specific = {t: specific_units(oracle.drop, oracle.units, t, majority) for t in minority}
+    record["group_specific_units"] = {str(t): [f"{u.layer}:{u.channel}" for u in specific[t]] for t in minority}
+    cases, rows = [], []
+    cache: Dict[tuple, list] = {}
+    started = time.perf_counter()
+    for name in cfg.scores:
+        for t in minority:
+            ranking, values, extra = rankings[name][t]
+            case = {"seed": seed, "group": t, "score": name}
+            case.update(rank_report(ranking, values, oracle, t, majority, specific[t]))
+            case.update(extra)
+            score_rows = []
+            for k in study.ks:
+                key = (t, tuple(ranking[:k]))
+                if key not in cache:
+                    result = trace(model, ranking[:k], {"train": train, "test": test}, modes=study.modes,
+                                   sigmas=study.sigmas, repeats=study.repeats, ks=[k], num_groups=num_groups,
+                                   seed=1000 * seed, batch_size=study.eval_batch_size)
+                    cache[key] = result.rows
+                score_rows += cache[key]
+            case["claim"] = claim_cells(score_rows, t, majority)
+            rows += [dict(r, seed=seed, target=t, score=name) for r in score_rows]
+            cases.append(case)
+    record["seconds"]["trace"] = round(time.perf_counter() - started, 2)
+    log(f"traced {len(cache)} distinct selections in {record['seconds']['trace']:.1f} s")
+    if cfg.split_half:
+        started = time.perf_counter()
+        record["split_half"] = split_half(model, train, cfg, roles, num_groups, seed)
+        record["seconds"]["split_half"] = round(time.perf_counter() - started, 2)
+    started = time.perf_counter()
+    record["memorized"] = {}
+    if "verified" in rankings:
+        for t in minority:
+            units = rankings["verified"][t][0][: max(study.ks)]
+            found = memorized_examples(model, train, units, num_groups)
+            record["memorized"][str(t)] = [
+                {k: v for k, v in m.to_dict().items() if k in ("unit", "precision", "recall", "exact_groups")}
+                | {"flagged": len(m.flagged), "exact": len(m.exact), "confirmed": len(m.confirmed)}
+                for m in found
+            ]
+    record["seconds"]["memorized"] = round(time.perf_counter() - started, 2)
+    return cases, rows, record
+
+
+def summarize_cases(cases, rows, roles, ks, scores) -> List[Dict[str, object]]:
+    """Per (score, group): counts and means over seeds, and the claim on the seed means (k=1, train)."""
+    majority, minority = roles
+    out = []
+    for name in scores:
+        claims = summarize([r for r in rows if r["score"] == name], roles, ks)
+        for t in minority:
+            mine = [c for c in cases if c["score"] == name and c["group"] == t]
+            rhos = [c["spearman"] for c in mine if c["spearman"] is not None]
+            with_specific = [c for c in mine if c["rank_first_specific"] is not None]
+            out.append({
+                "score": name, "group": t, "seeds": len(mine),
+                "top1_specific": sum(c["top1_specific"] for c in mine),
+                "seeds_with_specific_unit": len(with_specific),
+                "spearman_mean": round(statistics.fmean(rhos), 3) if rhos else None,
+                "rank_first_specific": [c["rank_first_specific"] for c in mine],
+                "top1_target_drop_mean": round(statistics.fmean(c["top1_drop"][t] for c in mine), 2),
+                "claims": [c for c in claims if c["target"] == t],
+            })
+    return out
+
+
+def run_localization(make_model: Callable[[], nn.Module], train, test, cfg: LocalizationConfig, *, num_groups: int,
+                     group_names: Optional[Sequence[str]] = None, log: Callable[[str], None] = lambda s: None):
+    """Train one model per seed and compare every score with the oracle; returns the JSON-ready results."""
+    started = time.perf_counter()
+    study = cfg.study
+    _, _, train_groups = as_tensors(train, "train", num_groups)
+    counts = torch.bincount(train_groups, minlength=num_groups).tolist()
+    roles = group_roles(counts, study.minority)
+    cases, rows, seeds = [], [], []
+    for seed in study.seeds:
+        model, _, _, history, seconds = train_with_checkpoints(make_model, train, test, study, seed, num_groups)
+        log(f"seed {seed}: trained in {seconds:.1f} s")
+        seed_cases, seed_rows, record = analyze_seed(model, train, test, cfg, roles, num_groups, seed,
+                                                     log=lambda s: log(f"seed {seed}: {s}"))
+        record["train_seconds"] = round(seconds, 1)
+        cases += seed_cases
+        rows += seed_rows
+        seeds.append(record)
+    return {
+        "config": cfg.to_dict(),
+        "data": {"num_groups": num_groups, "train_group_counts": counts,
+                 "group_names": list(group_names) if group_names else [f"group {g}" for g in range(num_groups)],
+                 "majority": roles[0], "minority": roles[1]},
+        "cases": cases,
+        "summary": summarize_cases(cases, rows, roles, study.ks, cfg.scores),
+        "seeds": seeds,
+        "trace_rows": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+    }

@@ -4,8 +4,8 @@ localization, against magnitude, the group-gradient score and the grad_sq contra
 
 A thin caller of :func:`spurfast.experiments.localization.run_localization`: the README's setting
 (SynthWaterbirds n=2000, SmallCNN width 16, the ERM settings of ``memorization_synth.py``),
-3 training seeds, both minority groups. Writes ``localization_synth.json`` and ``tables.md``
-into ``--out`` (default: a new ``runs/localization_synth-<time>``).
+3 training seeds, both minority groups. Writes ``localization_synth.json`` and the tables
+``localization_synth.md`` into ``--out`` (default: a new ``runs/localization_synth-<time>``).
 
     python benchmarks/localization.py --out benchmarks/results      # the committed run (CPU, 2 threads)
     python benchmarks/localization.py --tiny                        # plumbing check, seconds
@@ -85,7 +85,7 @@ def main(argv=None):
     }
     (out / "localization_synth.json").write_text(json.dumps(json_safe(results), indent=1, allow_nan=False) + "\n")
     tables = localization_tables(results)
-    (out / "tables.md").write_text("\n\n".join(f"### {t.title}\n\n{t.to_markdown()}" for t in tables) + "\n")
+    (out / "localization_synth.md").write_text("\n\n".join(f"### {t.title}\n\n{t.to_markdown()}" for t in tables) + "\n")
     for table in tables:
         print(f"\n{table.title}\n\n{table.to_markdown()}")
     print(f"\nwrote {out} ({results['meta']['wall seconds']} s)")

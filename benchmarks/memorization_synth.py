@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spurfast.data.specs import load_data_spec  # noqa: E402
-from spurfast.experiments.memorization import StudyConfig, run_study  # noqa: E402
+from spurfast.experiments.memorization import STUDY_SCORES, StudyConfig, run_study  # noqa: E402
 from spurfast.models import MLP, SmallCNN  # noqa: E402
 from spurfast.report.runs import new_run_dir  # noqa: E402
 from spurfast.report.study import write_study  # noqa: E402
@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--tracin-every", type=int, default=5, help="TracIn checkpoint every this many epochs")
+    p.add_argument("--score", default="group_gradient", choices=list(STUDY_SCORES),
+                   help="how units are ranked (default: the paper's group-gradient score, which this benchmark measures)")
     p.add_argument("--hardest", type=int, default=200, help="samples per group for the group-gradient score")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--modes", nargs="+", default=["random_init"])
@@ -78,7 +80,7 @@ def main(argv=None):
         def make_model():
             return SmallCNN(num_classes=2, width=args.width).to(memory_format=torch.channels_last)
     cfg = StudyConfig(
-        seeds=args.seeds, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, lr_schedule=args.lr_schedule,
+        seeds=args.seeds, score=args.score, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, lr_schedule=args.lr_schedule,
         batch_size=args.batch_size, tracin_every=args.tracin_every, hardest=args.hardest, ks=args.ks,
         modes=args.modes, sigmas=args.sigmas, repeats=args.repeats, oracle=args.oracle,
         self_influence=not args.no_self_influence,

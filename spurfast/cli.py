@@ -101,6 +101,8 @@ def _study_config(study: Dict[str, object], args, device: str):
         settings["self_influence"] = False
     if getattr(args, "minority", None):
         settings["minority"] = args.minority
+    if getattr(args, "score", None) is not None:
+        settings["score"] = args.score
     return StudyConfig(seeds=args.seeds, device=device, **settings)
 
 
@@ -260,6 +262,8 @@ def cmd_build(args) -> int:
 
 
 def _add_common(p: argparse.ArgumentParser, out_help: str) -> None:
+    from spurfast.experiments.memorization import STUDY_SCORES
+
     p.add_argument("--out", metavar="DIR", default=None, help=out_help)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train and score (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -269,6 +273,10 @@ def _add_common(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--repeats", type=int, default=None, help="seeded draws per random intervention")
     p.add_argument("--no-oracle", action="store_true", help="skip zeroing every eligible unit alone")
     p.add_argument("--no-self-influence", action="store_true", help="skip TracIn self-influence")
+    p.add_argument("--score", choices=STUDY_SCORES, default=None,
+                   help="how units are ranked (default verified: the first-order ablation contrast on the margin, "
+                        "its top 64 units checked by the exact oracle on the training split; group_gradient: the "
+                        "paper's score)")
 
 
 def build_parser() -> argparse.ArgumentParser:

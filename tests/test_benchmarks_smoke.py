@@ -206,3 +206,23 @@ def test_memorization_tiny_summarizes_every_setting(model, tmp_path, one_thread)
         o = data["runs"][0]["oracle"]["targets"][target]
         assert o["units"] == eligible and len(o["ranked_units"]) == eligible and len(o["score_top3"]) == 3
         assert 0 <= o["group_specific_units"] <= eligible
+
+
+def test_localization_tiny_writes_every_case(tmp_path, committed_results):
+    localization = _load("localization")
+    localization.main(["--tiny", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "localization_synth.json").read_text())
+    assert (tmp_path / "localization_synth.md").read_text().startswith("### Scores against the exact oracle")
+    names = set(localization.SCORES)
+    assert {c["score"] for c in data["cases"]} == names
+    assert len(data["cases"]) == len(names) * len(data["data"]["minority"])  # one seed in --tiny
+    for case in data["cases"]:
+        for key in ("seed", "group", "score", "spearman", "rank_first_specific", "top1_specific", "claim"):
+            assert key in case
+        cells = {(c["mode"], c["sigma"], c["k"], c["split"]) for c in case["claim"]}
+        assert ("zero", None, 1, "train") in cells and ("random_init", "init", 3, "test") in cells
+        assert ("random_init", 0.01, 1, "train") in cells
+    assert next(c for c in data["cases"] if c["score"] == "iterative")["spearman"] is None  # no full ranking
+    seed = data["seeds"][0]
+    assert set(seed["seconds"]["scores"]) >= {"magnitude", "group_gradient", "ablation_margin", "verified", "iterative"}
+    assert seed["oracle_seconds_per_unit"] > 0 and seed["split_half"] and seed["memorized"]

@@ -132,7 +132,7 @@ def test_pickled_code_in_a_checkpoint_is_never_run(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_localize_from_a_checkpoint_trains_nothing(tmp_path, suffix, one_thread, capsys):
-    model = SmallCNN(num_classes=2, width=4)
+    model = SmallCNN(num_classes=2, width=8)
     path = tmp_path / f"model{suffix}"
     if suffix == ".pt":
         torch.save({"state_dict": model.state_dict()}, str(path))
@@ -140,11 +140,11 @@ def test_localize_from_a_checkpoint_trains_nothing(tmp_path, suffix, one_thread,
         from spurfast.train import save_checkpoint
 
         save_checkpoint(str(path), model)  # a spurfast training checkpoint: model.* keys
-    loaded = SmallCNN(num_classes=2, width=4)
+    loaded = SmallCNN(num_classes=2, width=8)
     cli.load_checkpoint_file(str(path), loaded)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     out = tmp_path / "out"
-    code = cli.main(["localize", "--data", "synth", "--max-samples", "200", "--model", "small_cnn", "--width", "4",
+    code = cli.main(["localize", "--data", "synth", "--max-samples", "200", "--model", "small_cnn", "--width", "8",
                      "--checkpoint", str(path), "--repeats", "2", "--hardest", "10", "--out", str(out), "--no-progress"])
     assert code == 0
     run = json.loads((out / "results.json").read_text())["runs"][0]

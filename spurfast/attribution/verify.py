@@ -96,6 +96,7 @@ def verified_localize(
     mode: str = "zero",
     objective: str = "margin",
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    oracle: Optional[OracleResult] = None,
     batch_size: int = 256,
     max_rows: int = 2048,
 ) -> VerifiedLocalization:
@@ -105,7 +106,9 @@ def verified_localize(
     the first-order flip-rate contrast on the margin (:func:`fast_score`). The exact oracle then
     removes each candidate alone and ranks them by ``target drop - penalty * max(majority drop, 0)``
     (accuracy points; ties keep the fast-score order). ``penalty=3`` mirrors the group-specific
-    criterion (the target's drop at least 3x the larger majority drop).
+    criterion (the target's drop at least 3x the larger majority drop). ``oracle``: an
+    :class:`~spurfast.OracleResult` of the same model, data, ``mode`` and objective already
+    measured (e.g. over every unit); its rows are reused for the candidates it covers.
 
     Example::
 
@@ -139,8 +142,16 @@ def verified_localize(
     ranked = localize(scores, k=min(candidates, eligible), group=group, exclude=exclude)
     seconds["score"] = time.perf_counter() - started
     started = time.perf_counter()
-    oracle = ablation_oracle(model, dataset, num_groups, ranked, mode, objective=objective, batch_size=batch_size,
-                             max_rows=max_rows)
+    known = set(oracle.units) if oracle is not None else set()
+    if oracle is not None and oracle.mode == mode and oracle.objective == objective and set(ranked) <= known:
+        rows = [oracle.index(u) for u in ranked]
+        oracle = dataclasses.replace(
+            oracle, units=list(ranked), acc_after=oracle.acc_after[rows], objective_after=oracle.objective_after[rows],
+            correct_after=None if oracle.correct_after is None else oracle.correct_after[rows],
+        )
+    else:
+        oracle = ablation_oracle(model, dataset, num_groups, ranked, mode, objective=objective, batch_size=batch_size,
+                                 max_rows=max_rows)
     seconds["oracle"] = time.perf_counter() - started
     value = utility(oracle.drop, target, majority, float(penalty))
     order = torch.sort(value, descending=True, stable=True).indices[: min(k, len(ranked))]

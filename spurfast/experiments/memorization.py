@@ -1,12 +1,13 @@
 """The memorization study of You et al. (2025), Part I, end to end: train, score, localize,
 intervene against a random control, find the examples the units hold.
 
-For each training seed: train a model by ERM (keeping TracIn checkpoints), score every
-eligible neuron with the group-gradient score (one ``NeuronStats`` pass), localize the top-k
-units of each minority group, intervene on them (``zero``, ``random_init`` for each sigma, ...)
-against random units of the same size and layer distribution, optionally zero every eligible
-unit alone (the exact ablation oracle), and compute per-sample TracIn self-influence with its
-AUROC for minority vs majority samples and the training samples each localized unit holds.
+For each training seed: train a model by ERM (keeping TracIn checkpoints), optionally zero
+every eligible unit alone (the exact ablation oracle), rank the units of each minority group
+with ``cfg.score`` (:data:`STUDY_SCORES`: the paper's group-gradient score, the first-order
+ablation contrast, or that contrast verified by the oracle on the training split), intervene
+on the top-k (``zero``, ``random_init`` for each sigma, ...) against random units of the same
+size and layer distribution, and compute per-sample TracIn self-influence with its AUROC for
+minority vs majority samples and the training samples each localized unit holds.
 
 The claim checked, per minority target group g and k, on the means over seeds: intervening on
 the top-k units drops g's accuracy by >= 10 points and by >= 3x both the larger majority-group
@@ -29,6 +30,8 @@ import torch.nn as nn
 
 from spurfast.attribution import (
     DEFAULT_EXCLUDE,
+    ablation_oracle,
+    ablation_scores,
     auroc,
     average_ranks,
     group_gradient,
@@ -36,12 +39,19 @@ from spurfast.attribution import (
     localize,
     self_influence,
     trace,
+    verified_localize,
 )
-from spurfast.attribution.scores import as_tensors
+from spurfast.attribution.scores import NeuronScores, as_tensors
 from spurfast.metrics import evaluate
 from spurfast.train import checkpoint_path, erm, load_checkpoint
 
 Sigma = Union[str, float]
+
+#: How a study ranks units: the paper's group-gradient score; the first-order ablation contrast
+#: on the margin (flip rate of the target minus the largest majority flip rate); and that score
+#: verified by the exact oracle on its top ``VERIFY_CANDIDATES`` units (training split only).
+STUDY_SCORES = ("group_gradient", "ablation_margin_contrast", "verified")
+VERIFY_CANDIDATES = 64
 
 
 @dataclasses.dataclass
@@ -49,6 +59,7 @@ class StudyConfig:
     """Settings of one study; ``spurfast demo --help`` shows the CLI defaults."""
 
     seeds: Sequence[int] = (0,)
+    score: str = "verified"  # see STUDY_SCORES
     epochs: int = 30
     lr: float = 2e-3
     optimizer: str = "adam"
@@ -75,6 +86,8 @@ class StudyConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+        if self.score not in STUDY_SCORES:
+            raise ValueError(f"score must be one of {STUDY_SCORES}, got {self.score!r}")
         if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
             raise ValueError(f"ks must be positive ints, got {list(self.ks)!r}")
         self.seeds, self.ks = [int(s) for s in self.seeds], sorted(set(self.ks))
@@ -166,31 +179,29 @@ def _unit_name(unit) -> str:
     return f"{unit[0]}:{unit[1]}"
 
 
-def ablation_oracle(model, scores, train, cfg: StudyConfig, roles, before_train: Sequence[float], num_groups: int):
-    """Zero each eligible unit alone (train accuracy); per minority target, how the score ranks the
-    units that hurt it.
+def oracle_report(exact, per_target: Mapping[int, NeuronScores], roles, cfg: StudyConfig):
+    """Per minority target, how the study's score ranks the units whose removal alone hurts it.
 
-    A unit is *group-specific* for target g when zeroing it alone drops g's training accuracy by
-    >= 10 points and by >= 3x the larger majority-group drop.
+    ``exact``: the :class:`~spurfast.OracleResult` of every eligible unit zeroed alone on the
+    training split. A unit is *group-specific* for target g when zeroing it alone drops g's
+    training accuracy by >= 10 points and by >= 3x the larger majority-group drop.
     """
     majority, minority = roles
-    units = localize(scores, k=10**9, group=minority[0], exclude=cfg.exclude, per_layer=True)  # every eligible unit
-    drops = {}
-    for unit in units:
-        with intervene(model, [unit], "zero"):
-            after = evaluate(model, train, num_groups=num_groups, batch_size=cfg.eval_batch_size).group_acc.tolist()
-        drops[tuple(unit)] = [100 * (b - a) for b, a in zip(before_train, after)]
-    out = {"drops": {_unit_name(u): [round(d, 2) for d in v] for u, v in drops.items()}, "targets": {}}
+    drop = exact.drop  # [U, G]
+    drops = {tuple(u): [float(d) for d in drop[i]] for i, u in enumerate(exact.units)}
+    out = {"drops": {_unit_name(u): [round(d, 2) for d in v] for u, v in drops.items()}, "targets": {},
+           "seconds_per_unit": round(exact.seconds_per_unit, 4)}
     for target in minority:
-        ranking = [tuple(u) for u in localize(scores, k=len(units), group=target, exclude=cfg.exclude)]
-        ranked_scores = [float(scores[u[0]][target, u[1]]) for u in ranking]
+        score = per_target[target]
+        ranking = [tuple(u) for u in localize(score, k=len(exact.units), exclude=cfg.exclude)]
+        ranked_scores = [float(score[u[0]][u[1]]) for u in ranking]
         rank = {u: i for i, u in enumerate(ranking)}
         specific = sorted(
             (u for u, d in drops.items() if d[target] >= 10 and d[target] >= 3 * max(d[g] for g in majority)),
             key=lambda u: -drops[u][target],
         )
         out["targets"][str(target)] = {
-            "units": len(units),
+            "units": len(ranking),
             "group_specific_units": len(specific),
             "best_specific": [
                 {"unit": _unit_name(u), "drop": [round(d, 1) for d in drops[u]], "score_rank": rank[u]} for u in specific[:5]
@@ -201,6 +212,46 @@ def ablation_oracle(model, scores, train, cfg: StudyConfig, roles, before_train:
             "spearman_score_vs_target_drop": spearman(ranked_scores, [drops[u][target] for u in ranking]),
         }
     return out
+
+
+def study_scores(model, train, cfg: StudyConfig, roles, num_groups: int, exact=None):
+    """``({target: NeuronScores [C]}, extra)``: the units' ranking of ``cfg.score`` for each minority target.
+
+    For ``"verified"`` the value of a unit is its place in the verified order (candidates by exact
+    utility, then the rest by the first-order score), largest first.
+    """
+    majority, minority = roles
+    extra: Dict[str, object] = {}
+    if cfg.score == "group_gradient":
+        scores = group_gradient(model, train, num_groups=num_groups, hardest=cfg.hardest)
+        extra["selected_per_group"] = [len(scores.extra["selected"][g]) for g in range(num_groups)]
+        return {t: scores.for_group(t) for t in minority}, extra
+    first_order = ablation_scores(model, train, num_groups, "margin", batch_size=cfg.eval_batch_size)
+    contrast = {t: first_order.contrast(t, majority) for t in minority}
+    if cfg.score == "ablation_margin_contrast":
+        return contrast, extra
+    out = {}
+    extra["verified"] = {}
+    for t in minority:
+        found = verified_localize(model, train, num_groups, t, k=max(cfg.ks), scores=contrast[t],
+                                  candidates=VERIFY_CANDIDATES, majority=majority, exclude=cfg.exclude, oracle=exact,
+                                  batch_size=cfg.eval_batch_size)
+        order = torch.sort(found.utility, descending=True, stable=True).indices.tolist()
+        checked = set(found.candidates)
+        ranking = [found.candidates[i] for i in order]
+        ranking += [u for u in localize(contrast[t], k=_eligible_count(contrast[t], cfg), exclude=cfg.exclude)
+                    if u not in checked]
+        values = {n: torch.zeros_like(v) for n, v in contrast[t].items()}
+        for place, u in enumerate(ranking):
+            values[u.layer][u.channel] = float(len(ranking) - place)
+        out[t] = NeuronScores(values, "verified", contrast[t].classifier)
+        extra["verified"][str(t)] = {"candidates": len(found.candidates),
+                                     "utility_top": [round(float(found.utility[i]), 2) for i in order[:max(cfg.ks)]]}
+    return out, extra
+
+
+def _eligible_count(score: NeuronScores, cfg: StudyConfig) -> int:
+    return len(localize(score, k=10**9, exclude=cfg.exclude, per_layer=True))
 
 
 def self_influence_report(model, train, checkpoints, weights, localized, cfg: StudyConfig, roles):
@@ -255,14 +306,21 @@ def analyze(model, train, test, cfg: StudyConfig, roles, num_groups: int, seed: 
         name: evaluate(model, ds, num_groups=num_groups, batch_size=cfg.eval_batch_size).group_acc.tolist()
         for name, ds in (("train", train), ("test", test))
     }
+    exact = None
+    if cfg.oracle:
+        started = time.perf_counter()
+        exact = ablation_oracle(model, train, num_groups, exclude=cfg.exclude, batch_size=cfg.eval_batch_size)
+        timings["oracle"] = time.perf_counter() - started
+        log(f"oracle: zeroed {len(exact.units)} units one at a time in {timings['oracle']:.1f} s "
+            f"({1000 * exact.seconds_per_unit:.0f} ms per unit)")
     started = time.perf_counter()
-    scores = group_gradient(model, train, num_groups=num_groups, hardest=cfg.hardest)
+    per_target, score_extra = study_scores(model, train, cfg, roles, num_groups, exact)
     timings["score"] = time.perf_counter() - started
-    log(f"scored {sum(t.shape[1] for t in scores.values())} neurons in {timings['score']:.1f} s")
+    log(f"scored the units with {cfg.score} in {timings['score']:.1f} s")
     localized, rows = {}, []
     started = time.perf_counter()
     for target in minority:
-        units = localize(scores, k=max(cfg.ks), group=target, exclude=cfg.exclude)
+        units = localize(per_target[target], k=max(cfg.ks), exclude=cfg.exclude)
         localized[str(target)] = [list(u) for u in units]
         result = trace(
             model, units, {"train": train, "test": test}, modes=cfg.modes, sigmas=cfg.sigmas, repeats=cfg.repeats,
@@ -271,12 +329,7 @@ def analyze(model, train, test, cfg: StudyConfig, roles, num_groups: int, seed: 
         rows += [dict(r, seed=seed, target=target) for r in result.rows]
     timings["trace"] = time.perf_counter() - started
     log(f"traced {len(minority)} minority groups x {len(cfg.modes)} modes in {timings['trace']:.1f} s")
-    oracle = None
-    if cfg.oracle:
-        started = time.perf_counter()
-        oracle = ablation_oracle(model, scores, train, cfg, roles, before["train"], num_groups)
-        timings["oracle"] = time.perf_counter() - started
-        log(f"oracle: zeroed {len(oracle['drops'])} units one at a time in {timings['oracle']:.1f} s")
+    oracle = None if exact is None else oracle_report(exact, per_target, roles, cfg)
     influence = None
     if cfg.self_influence:
         started = time.perf_counter()
@@ -288,8 +341,10 @@ def analyze(model, train, test, cfg: StudyConfig, roles, num_groups: int, seed: 
     run = {
         "seed": seed,
         "before_group_acc": {k: [_pct(a) for a in v] for k, v in before.items()},
-        "selected_per_group": [len(scores.extra["selected"][g]) for g in range(num_groups)],
-        "scores": {name: t.tolist() for name, t in scores.items()},
+        "score": cfg.score,
+        "selected_per_group": score_extra.get("selected_per_group"),
+        "scores": {str(t): {name: v.tolist() for name, v in sc.items()} for t, sc in per_target.items()},
+        "score_extra": {k: v for k, v in score_extra.items() if k != "selected_per_group"},
         "localized": {t: [_unit_name(u) for u in us] for t, us in localized.items()},
         "self_influence": influence,
         "oracle": oracle,

@@ -28,7 +28,7 @@ FIGURE_CAPTIONS = {
     "training": "Training loss and per-group accuracy per epoch (first seed): the minority groups are fit late, by memorization.",
     "trace_train": "Train accuracy change per group after intervening on the top-k units (solid) and on random units (dashed).",
     "trace_test": "The same on the balanced test set.",
-    "oracle": "Each eligible unit zeroed alone: the group-gradient score (x) against the measured drop of the target group (y).",
+    "oracle": "Each eligible unit zeroed alone: the study's score (x) against the measured drop of the target group (y).",
     "self_influence": "Per-sample TracIn self-influence by group: memorized minority samples carry more.",
     "top_samples": "The training images that load each minority group's first localized unit most.",
 }

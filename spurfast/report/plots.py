@@ -78,10 +78,14 @@ def plot_oracle(results: Dict, path: Path) -> Optional[Path]:
         drops = [oracle["drops"][u][int(target)] for u in o["ranked_units"]]
         specific = {b["unit"] for b in o["best_specific"]}
         colors = ["tab:red" if u in specific else "tab:blue" for u in o["ranked_units"]]
-        ax.scatter([max(s, 1e-12) for s in o["scores"]], drops, c=colors, s=14)
-        ax.set_xscale("log")
+        score = results["runs"][0].get("score", "group_gradient")
+        if score == "group_gradient":  # a norm spanning decades
+            ax.scatter([max(s, 1e-12) for s in o["scores"]], drops, c=colors, s=14)
+            ax.set_xscale("log")
+        else:
+            ax.scatter(o["scores"], drops, c=colors, s=14)
         ax.axhline(0, color="gray", lw=0.8)
-        ax.set_xlabel(f"group-gradient score of g{target}")
+        ax.set_xlabel(f"{score} score of g{target}" + (" (rank, largest first)" if score == "verified" else ""))
         ax.set_ylabel(f"g{target} train accuracy drop when zeroed alone (pts)")
         ax.set_title(f"g{target}: Spearman {o['spearman_score_vs_target_drop']:.2f}; red = group-specific", fontsize=9)
     fig.tight_layout()

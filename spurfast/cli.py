@@ -274,7 +274,7 @@ def _add_common(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--no-oracle", action="store_true", help="skip zeroing every eligible unit alone")
     p.add_argument("--no-self-influence", action="store_true", help="skip TracIn self-influence")
     p.add_argument("--score", choices=STUDY_SCORES, default=None,
-                   help="how units are ranked (default verified: the first-order ablation contrast on the margin, "
+                   help="how units are ranked (default verified: the target's first-order flip rate on the margin, "
                         "its top 64 units checked by the exact oracle on the training split; group_gradient: the "
                         "paper's score)")
 

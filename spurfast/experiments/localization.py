@@ -24,6 +24,7 @@ import torch.nn as nn
 from spurfast.attribution import (
     ablation_oracle,
     ablation_scores,
+    fast_score,
     grad_sq_contrast,
     group_gradient,
     group_profile,
@@ -45,7 +46,7 @@ SCORES = (
     "ablation_margin_mean", "ablation_margin_flip_rate", "ablation_margin_contrast",
     "verified", "iterative",
 )
-FAST_DEFAULT = "ablation_margin_contrast"
+FAST_DEFAULT = "ablation_margin_flip_rate"  # verify.fast_score's default (ties broken by the harm)
 
 
 @dataclasses.dataclass
@@ -170,7 +171,7 @@ def compute_rankings(model, train, cfg: LocalizationConfig, roles, num_groups: i
 
 
 def _fast_scores(model, train, num_groups, target, majority) -> NeuronScores:
-    return ablation_scores(model, train, num_groups, "margin").contrast(target, majority)
+    return fast_score(model, train, num_groups, target, majority)
 
 
 def _halves(group_ids: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -261,7 +262,7 @@ def analyze_seed(model, train, test, cfg: LocalizationConfig, roles, num_groups:
     for name in cfg.scores:
         for t in minority:
             ranking, values, extra = rankings[name][t]
-            case = {"seed": seed, "group": t, "score": name}
+            case = {"seed": seed, "group": t, "score": name, "oracle_specific_units": len(specific[t])}
             case.update(rank_report(ranking, values, oracle, t, majority, specific[t]))
             case.update(extra)
             score_rows = []
@@ -306,7 +307,7 @@ def summarize_cases(cases, rows, roles, ks, scores) -> List[Dict[str, object]]:
         for t in minority:
             mine = [c for c in cases if c["score"] == name and c["group"] == t]
             rhos = [c["spearman"] for c in mine if c["spearman"] is not None]
-            with_specific = [c for c in mine if c["rank_first_specific"] is not None]
+            with_specific = [c for c in mine if c["oracle_specific_units"] > 0]
             out.append({
                 "score": name, "group": t, "seeds": len(mine),
                 "top1_specific": sum(c["top1_specific"] for c in mine),

@@ -31,8 +31,8 @@ import torch.nn as nn
 from spurfast.attribution import (
     DEFAULT_EXCLUDE,
     ablation_oracle,
-    ablation_scores,
     auroc,
+    fast_score,
     average_ranks,
     group_gradient,
     intervene,
@@ -47,10 +47,10 @@ from spurfast.train import checkpoint_path, erm, load_checkpoint
 
 Sigma = Union[str, float]
 
-#: How a study ranks units: the paper's group-gradient score; the first-order ablation contrast
-#: on the margin (flip rate of the target minus the largest majority flip rate); and that score
-#: verified by the exact oracle on its top ``VERIFY_CANDIDATES`` units (training split only).
-STUDY_SCORES = ("group_gradient", "ablation_margin_contrast", "verified")
+#: How a study ranks units: the paper's group-gradient score; the target's first-order flip rate
+#: on the margin (:func:`~spurfast.attribution.fast_score`); and that score verified by the exact
+#: oracle on its top ``VERIFY_CANDIDATES`` units (training split only).
+STUDY_SCORES = ("group_gradient", "ablation_margin_flip_rate", "verified")
 VERIFY_CANDIDATES = 64
 
 
@@ -226,25 +226,24 @@ def study_scores(model, train, cfg: StudyConfig, roles, num_groups: int, exact=N
         scores = group_gradient(model, train, num_groups=num_groups, hardest=cfg.hardest)
         extra["selected_per_group"] = [len(scores.extra["selected"][g]) for g in range(num_groups)]
         return {t: scores.for_group(t) for t in minority}, extra
-    first_order = ablation_scores(model, train, num_groups, "margin", batch_size=cfg.eval_batch_size)
-    contrast = {t: first_order.contrast(t, majority) for t in minority}
-    if cfg.score == "ablation_margin_contrast":
-        return contrast, extra
+    fast = {t: fast_score(model, train, num_groups, t, majority, batch_size=cfg.eval_batch_size) for t in minority}
+    if cfg.score == "ablation_margin_flip_rate":
+        return fast, extra
     out = {}
     extra["verified"] = {}
     for t in minority:
-        found = verified_localize(model, train, num_groups, t, k=max(cfg.ks), scores=contrast[t],
+        found = verified_localize(model, train, num_groups, t, k=max(cfg.ks), scores=fast[t],
                                   candidates=VERIFY_CANDIDATES, majority=majority, exclude=cfg.exclude, oracle=exact,
                                   batch_size=cfg.eval_batch_size)
         order = torch.sort(found.utility, descending=True, stable=True).indices.tolist()
         checked = set(found.candidates)
         ranking = [found.candidates[i] for i in order]
-        ranking += [u for u in localize(contrast[t], k=_eligible_count(contrast[t], cfg), exclude=cfg.exclude)
+        ranking += [u for u in localize(fast[t], k=_eligible_count(fast[t], cfg), exclude=cfg.exclude)
                     if u not in checked]
-        values = {n: torch.zeros_like(v) for n, v in contrast[t].items()}
+        values = {n: torch.zeros_like(v) for n, v in fast[t].items()}
         for place, u in enumerate(ranking):
             values[u.layer][u.channel] = float(len(ranking) - place)
-        out[t] = NeuronScores(values, "verified", contrast[t].classifier)
+        out[t] = NeuronScores(values, "verified", fast[t].classifier)
         extra["verified"][str(t)] = {"candidates": len(found.candidates),
                                      "utility_top": [round(float(found.utility[i]), 2) for i in order[:max(cfg.ks)]]}
     return out, extra

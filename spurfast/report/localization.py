@@ -39,7 +39,7 @@ def score_table(results: Dict) -> Table:
         for e in entries:
             c = _claim(e, "zero", None, 1, "train")
             claims.append("-" if c is None else f"{_num(c['target_drop'])}{' ✓' if c['claim_met'] else ''}")
-        key = name if name in seconds else name.rsplit("_", 1)[0] if name.startswith("ablation") else name
+        key = next((k for k in ("ablation_loss", "ablation_margin") if name.startswith(k + "_")), name)
         secs = seconds.get(key)
         rows.append([
             name, f"{top1} / {cases}", _num(statistics.fmean(rhos), 2) if rhos else "-",

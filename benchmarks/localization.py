@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spurfast.data.specs import load_data_spec  # noqa: E402
+from spurfast.experiments.arguments import add_synth_study_arguments  # noqa: E402
 from spurfast.experiments.localization import SCORES, LocalizationConfig, run_localization  # noqa: E402
 from spurfast.experiments.memorization import StudyConfig  # noqa: E402
 from spurfast.models import SmallCNN  # noqa: E402
@@ -35,24 +36,9 @@ from spurfast.report.localization import localization_tables  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-test", type=int, default=1200)
-    p.add_argument("--width", type=int, default=16, help="SmallCNN: channels of the first block")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--hardest", type=int, default=200, help="samples per group for the group-gradient score")
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--modes", nargs="+", default=["zero", "random_init"])
-    p.add_argument("--sigmas", nargs="+", default=["0.01", "init"])
-    p.add_argument("--repeats", type=int, default=10)
+    add_synth_study_arguments(p, modes=["zero", "random_init"], sigmas=["0.01", "init"])
     p.add_argument("--candidates", type=int, default=64, help="units the verified localization checks exactly")
     p.add_argument("--scores", nargs="+", default=list(SCORES), choices=list(SCORES))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tiny", action="store_true", help="seconds-long plumbing run")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default: a new run folder)")
     args = p.parse_args(argv)
     if args.tiny:
         args.n_train, args.n_test, args.epochs, args.width = 200, 80, 2, 8

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spurfast.data.specs import load_data_spec  # noqa: E402
+from spurfast.experiments.arguments import add_synth_study_arguments  # noqa: E402
 from spurfast.experiments.memorization import STUDY_SCORES, StudyConfig, run_study  # noqa: E402
 from spurfast.models import MLP, SmallCNN  # noqa: E402
 from spurfast.report.runs import new_run_dir  # noqa: E402
@@ -34,32 +35,16 @@ from spurfast.report.tables import all_tables  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-test", type=int, default=1200)
+    add_synth_study_arguments(p, modes=["random_init"], sigmas=["init"])
     p.add_argument("--model", default="small_cnn", choices=["small_cnn", "mlp"])
-    p.add_argument("--width", type=int, default=16, help="SmallCNN: channels of the first block")
     p.add_argument("--hidden", type=int, nargs="+", default=[512, 512], help="MLP: hidden widths")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"])
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--tracin-every", type=int, default=5, help="TracIn checkpoint every this many epochs")
     p.add_argument("--score", default="group_gradient", choices=list(STUDY_SCORES),
                    help="how units are ranked (default: the paper's group-gradient score, which this benchmark measures)")
-    p.add_argument("--hardest", type=int, default=200, help="samples per group for the group-gradient score")
-    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--modes", nargs="+", default=["random_init"])
-    p.add_argument("--sigmas", nargs="+", default=["init"],
-                   help="for random_init/random_noise: 'init' (the layer's default-init std) and/or floats")
-    p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--oracle", action="store_true", help="also zero every eligible unit alone")
     p.add_argument("--no-self-influence", action="store_true", help="skip the TracIn self-influence part")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tiny", action="store_true", help="seconds-long plumbing run")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default: a new run folder)")
     args = p.parse_args(argv)
     if args.tiny:
         args.n_train, args.n_test, args.epochs, args.width, args.hidden = 200, 80, 2, 4, [16, 16]

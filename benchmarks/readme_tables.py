@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spurfast.bench import cpu_backends  # noqa: E402
+from spurfast.report import localization as L  # noqa: E402
 from spurfast.report import tables as T  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -40,6 +41,10 @@ TABLES = {
     "memorization_test": (_study("memorization_synth"), lambda r: T.claim_table(r, "test").to_markdown()),
     "memorization_oracle": (_study("memorization_synth"), lambda r: T.oracle_table(r).to_markdown()),
     "memorization_self_influence": (_study("memorization_synth"), lambda r: T.self_influence_table(r).to_markdown()),
+    "localization_scores": (_json("localization_synth.json"), lambda r: L.score_table(r).to_markdown()),
+    "localization_verified": (_json("localization_synth.json"), lambda r: L.claim_table(r, "verified").to_markdown()),
+    "localization_split_half": (_json("localization_synth.json"), lambda r: L.split_half_table(r).to_markdown()),
+    "localization_memorized": (_json("localization_synth.json"), lambda r: L.memorized_table(r).to_markdown()),
     "erm": (_json("erm_synth_waterbirds.json"), lambda r: r["table_markdown"]),
     "cpu_backends": (_json("cpu_backends.json"), lambda r: cpu_backends.render(r)),
     "cpu_backends_layers": (_json("cpu_backends.json"), lambda r: cpu_backends.render_layers(r)),

@@ -1,5 +1,4 @@
 """First-order ablation scores, the exact oracle, verified/iterative localization, memorized samples."""
-import copy
 
 import pytest
 import torch

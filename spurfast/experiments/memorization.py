@@ -3,8 +3,8 @@ intervene against a random control, find the examples the units hold.
 
 For each training seed: train a model by ERM (keeping TracIn checkpoints), optionally zero
 every eligible unit alone (the exact ablation oracle), rank the units of each minority group
-with ``cfg.score`` (:data:`STUDY_SCORES`: the paper's group-gradient score, the first-order
-ablation contrast, or that contrast verified by the oracle on the training split), intervene
+with ``cfg.score`` (:data:`STUDY_SCORES`: the paper's group-gradient score, the target's
+first-order flip rate, or that score verified by the oracle on the training split), intervene
 on the top-k (``zero``, ``random_init`` for each sigma, ...) against random units of the same
 size and layer distribution, and compute per-sample TracIn self-influence with its AUROC for
 minority vs majority samples and the training samples each localized unit holds.
@@ -35,7 +35,6 @@ from spurfast.attribution import (
     fast_score,
     average_ranks,
     group_gradient,
-    intervene,
     localize,
     self_influence,
     trace,

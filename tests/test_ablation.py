@@ -220,3 +220,17 @@ def test_margin_validates_its_inputs():
     logits = torch.tensor([[1.0, 3.0, 2.0]])
     assert sf.margin(logits, torch.tensor([1])).item() == 1.0
     assert sf.margin(logits, torch.tensor([0])).item() == -2.0
+
+
+def test_flip_scale_multiplies_the_effect_in_the_flip_prediction_only():
+    model, (x, y, g) = _trained()
+    plain = sf.ablation_scores(model, (x, y, g), num_groups=4)
+    scaled = sf.ablation_scores(model, (x, y, g), num_groups=4, flip_scale=2.5)
+    effects = first_order_effects(model, (x, y, g), [("c1", c) for c in range(6)])
+    flips = (effects.correct.unsqueeze(1) & (effects.value.unsqueeze(1) + 2.5 * effects.effect < 0)).double()
+    want = torch.stack([flips[g == k].mean(0) for k in range(4)])
+    assert torch.allclose(scaled.flip_rate["c1"], want)
+    assert torch.equal(scaled.effect["c1"], plain.effect["c1"])
+    assert (scaled.flip_rate["c1"] >= plain.flip_rate["c1"]).all()  # a larger effect flips at least as many
+    with pytest.raises(ValueError, match="flip_scale must be a number > 0"):
+        sf.ablation_scores(model, (x, y, g), num_groups=4, flip_scale=0)

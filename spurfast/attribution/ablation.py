@@ -85,7 +85,7 @@ class AblationScores(NamedTuple):
 
 
 def _ablation_pass(model: nn.Module, dataset, num_groups: int, objective: str, batch_size: int, backend: str,
-                   layers, keep: Sequence[Unit] = ()):
+                   layers, keep: Sequence[Unit] = (), flip_scale: float = 1.0):
     """One scoring pass: per-group sums, flip counts and the per-sample effects of ``keep``."""
     x, y, g = as_tensors(dataset, "dataset", num_groups)
     device = _model_device(model)
@@ -113,7 +113,7 @@ def _ablation_pass(model: nn.Module, dataset, num_groups: int, objective: str, b
                 value = value.detach()
                 right = logits.detach().argmax(1) == labels
                 for n, effect in stats.last_ablation.items():
-                    after = value.unsqueeze(1) + effect.to(value.dtype)
+                    after = value.unsqueeze(1) + flip_scale * effect.to(value.dtype)
                     wrong_after = after < 0 if objective == "margin" else after > LOSS_FLIP_THRESHOLD
                     flips[n].index_add_(0, ids.to(effect.device), (right.unsqueeze(1) & wrong_after).double())
                 if keep:
@@ -139,6 +139,7 @@ def ablation_scores(
     batch_size: int = 256,
     backend: str = "auto",
     layers=None,
+    flip_scale: float = 1.0,
 ) -> AblationScores:
     """First-order ablation scores ``[G, C]`` of every tracked neuron from one pass over ``dataset``.
 
@@ -146,6 +147,10 @@ def ablation_scores(
     cross-entropy), during which :class:`~spurfast.NeuronStats` records each sample's first-order
     effect of zeroing each weight row; the batch is then reduced per group. No extra pass and no
     GEMM beyond an ordinary backward.
+
+    ``flip_scale``: the factor applied to the effect when predicting flips (``margin +
+    flip_scale * effect < 0``); the linear estimate tends to understate what removing a whole
+    row does, and a factor above 1 leans against that. It changes ``flip_rate`` only.
 
     Example::
 
@@ -160,8 +165,10 @@ def ablation_scores(
     _check_num_groups(num_groups)
     check_objective(objective)
     _check_batch_size(batch_size)
+    if isinstance(flip_scale, bool) or not isinstance(flip_scale, (int, float)) or not flip_scale > 0:
+        raise ValueError(f"flip_scale must be a number > 0, got {flip_scale!r}")
     names, count, mean, flip_rate, _, _, _, _ = _ablation_pass(model, dataset, num_groups, objective, batch_size,
-                                                               backend, layers)
+                                                               backend, layers, flip_scale=float(flip_scale))
     mean = {n: torch.where(count.unsqueeze(1) > 0, mean[n], math.nan) for n in names}
     harm = {n: -t if objective == "margin" else t.clone() for n, t in mean.items()}
     classifier = classifier_name(model, layers)

@@ -39,7 +39,10 @@ def score_table(results: Dict) -> Table:
         for e in entries:
             c = _claim(e, "zero", None, 1, "train")
             claims.append("-" if c is None else f"{_num(c['target_drop'])}{' ✓' if c['claim_met'] else ''}")
-        key = next((k for k in ("ablation_loss", "ablation_margin") if name.startswith(k + "_")), name)
+        if name.endswith("_x1.5"):  # one pass per objective and flip scale serves its scores
+            key = "ablation_margin_x1.5"
+        else:
+            key = next((k for k in ("ablation_loss", "ablation_margin") if name.startswith(k + "_")), name)
         secs = seconds.get(key)
         rows.append([
             name, f"{top1} / {cases}", _num(statistics.fmean(rhos), 2) if rhos else "-",

@@ -130,23 +130,29 @@ def cmd_demo(args) -> int:
     preset = DEMO_PRESETS["quick" if args.quick else "default"]
     args.seeds = [args.seed]
     cfg = _study_config(preset["study"], args, device)
-    spec = load_data_spec("synth", n_train=preset["n_train"], n_test=preset["n_test"], seed=args.data_seed)
+    try:
+        spec = load_data_spec(args.data, n_train=preset["n_train"], n_test=preset["n_test"], seed=args.data_seed)
+    except (ImportError, OSError) as exc:  # a package or a data file of textured_fashion is missing
+        raise CLIError(f"--data {args.data}: {exc}") from None
     width = preset["width"]
+    data_name = type(spec.train).__name__
 
     def make_model():
         return SmallCNN(num_classes=2, width=width).to(memory_format=torch.channels_last)
 
     out_dir = new_run_dir("demo", args.out)
-    _log(f"{'quick ' if args.quick else ''}demo: SynthWaterbirds ({len(spec.train)} train, groups "
+    _log(f"{'quick ' if args.quick else ''}demo: {data_name} ({len(spec.train)} train, groups "
          f"{spec.train.group_counts().tolist()}; {len(spec.test)} test), SmallCNN(width={width}), "
          f"{cfg.epochs} epochs of ERM, seed {args.seed}, on {device}; writing to {out_dir}")
     results = run_study(make_model, spec.train, spec.test, cfg, num_groups=spec.num_groups,
                         group_names=spec.group_names, progress=not args.no_progress, log=_log)
-    intro = ("ERM on the embedded SynthWaterbirds (the background is spurious, the shape is the label; groups 1 and 2 "
+    what = ("the embedded SynthWaterbirds (the background is spurious, the shape is the label" if args.data == "synth"
+            else "TexturedFashion (Fashion-MNIST tops vs footwear on grass vs brick; the texture is spurious")
+    intro = (f"ERM on {what}; groups 1 and 2 "
              "contradict the correlation), then the memorization analysis of You et al. (2025): which neurons the "
              "minority groups' fit lives in, what zeroing or re-initialising them does against random neurons, and "
              "which training samples they hold.")
-    return _finish(results, out_dir, args, device, started, "spurfast demo: memorization on SynthWaterbirds", spec.train, intro)
+    return _finish(results, out_dir, args, device, started, f"spurfast demo: memorization on {data_name}", spec.train, intro)
 
 
 def _build_model(name: str, spec, width: int):
@@ -160,7 +166,7 @@ def _build_model(name: str, spec, width: int):
         if key == "mlp":
             return MLP(in_features=math.prod(image_shape), num_classes=spec.num_classes)
         return create_model(name, num_classes=spec.num_classes)
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:  # an unknown name, or a missing optional package
         raise CLIError(f"--model: {exc}") from None
 
 
@@ -211,7 +217,10 @@ def cmd_localize(args) -> int:
     started = time.perf_counter()
     device = resolve_device(args.device)
     _set_threads(args.threads)
-    spec = load_data_spec(args.data, image_size=args.image_size, max_samples=args.max_samples, seed=args.data_seed)
+    try:
+        spec = load_data_spec(args.data, image_size=args.image_size, max_samples=args.max_samples, seed=args.data_seed)
+    except ImportError as exc:  # an optional package of the dataset is missing; the message says which
+        raise CLIError(f"--data {args.data}: {exc}") from None
     model = None
     if args.checkpoint is not None:
         model = _build_model(args.model, spec, args.width)
@@ -299,26 +308,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="a smaller run of the same pipeline (under 2 minutes on a 2-core CPU)")
     demo.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    demo.add_argument("--data", choices=("synth", "textured_fashion"), default="synth",
+                      help="synth (default: SynthWaterbirds, generated) or textured_fashion (Fashion-MNIST items on "
+                           "real textures at 64x64; needs `apt-get install dataset-fashion-mnist` and "
+                           "`pip install \"spurfast[real]\"`)")
     _add_common(demo, "folder for the results (default: a new runs/demo-<time>)")
     demo.set_defaults(func=cmd_demo)
 
     loc = sub.add_parser(
         "localize", help="the same study on your data and model",
         description="Score, localize and intervene on the units that memorize each minority group of your data; "
-                    "trains by ERM first unless --checkpoint is given. Data: synth, waterbirds:PATH (the folder with "
+                    "trains by ERM first unless --checkpoint is given. Data: synth, textured_fashion (Fashion-MNIST "
+                    "items on real textures, from local packages), waterbirds:PATH (the folder with "
                     "metadata.csv), celeba:PATH (list_attr_celeba.csv, list_eval_partition.csv, img_align_celeba/), "
                     "csv:PATH (columns path,label,attr,split; paths relative to the CSV).",
         epilog="examples:\n  spurfast localize --data synth --model small_cnn\n"
                "  spurfast localize --data csv:mine/images.csv --model resnet18 --checkpoint erm.safetensors\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    loc.add_argument("--data", required=True, help="synth | waterbirds:PATH | celeba:PATH | csv:PATH")
+    loc.add_argument("--data", required=True, help="synth | textured_fashion | waterbirds:PATH | celeba:PATH | csv:PATH")
     loc.add_argument("--model", required=True, help="small_cnn, mlp, or a torchvision/timm model name")
     loc.add_argument("--checkpoint", metavar="FILE", default=None,
                      help="trained weights (.safetensors, or a torch.save file read with weights_only=True); no training")
     loc.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default 0)")
     loc.add_argument("--width", type=int, default=16, help="small_cnn width (default 16)")
-    loc.add_argument("--image-size", type=int, default=224, help="file datasets: image side after resize/crop (default 224)")
+    loc.add_argument("--image-size", type=int, default=None,
+                     help="image side: file datasets after resize/crop (default 224), textured_fashion (default 64)")
     loc.add_argument("--max-samples", type=int, default=None, help="file datasets: a seeded subset of each split")
     loc.add_argument("--minority", type=int, nargs="+", default=None,
                      help="minority group ids (default: groups under half the mean training group size)")

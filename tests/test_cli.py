@@ -186,3 +186,44 @@ def test_build_failure_is_reported_not_raised(tmp_path):
     env = dict(os.environ, SPURFAST_CACHE_DIR=str(tmp_path / "cache"), CXX=str(tmp_path / "no-such-c++"))
     proc = subprocess.run([sys.executable, "-m", "spurfast", "build"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1 and "no C++ compiler" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _real_data_missing():
+    try:
+        from spurfast.data.textured import load_fashion_mnist, load_texture
+
+        load_texture("grass")
+        load_fashion_mnist("t10k")
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+def test_demo_on_textured_fashion(tmp_path, tiny_demo, capsys):
+    missing = _real_data_missing()
+    if missing:
+        pytest.skip(f"TexturedFashion needs local data: {missing}")
+    from spurfast.data import WATERBIRDS_TRAIN_COUNTS, TexturedFashion
+    from spurfast.data.synth import _split_counts
+
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--data", "textured_fashion", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    n_train = TINY_DEMO_PRESET["n_train"]
+    assert results["data"]["train_group_counts"] == _split_counts(n_train, WATERBIRDS_TRAIN_COUNTS)
+    assert results["data"]["group_names"] == list(TexturedFashion.group_names)
+    assert (out / "report.html").exists()
+
+
+def test_missing_real_data_package_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import spurfast.data.textured as textured
+
+    monkeypatch.setitem(sys.modules, "skimage.data", None)  # import of skimage.data now fails
+    textured.load_texture.cache_clear()
+    try:
+        code = cli.main(["localize", "--data", "textured_fashion", "--model", "small_cnn", "--out", str(tmp_path / "o")])
+    finally:
+        textured.load_texture.cache_clear()
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--data textured_fashion" in err and "spurfast[real]" in err

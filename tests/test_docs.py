@@ -41,12 +41,17 @@ DOCTEST_MODULES = [
 
 
 def readme_python_blocks():
-    """``(title, code, slow)`` of every ```python block; ``<!-- test: slow -->`` on the line before marks it slow."""
+    """``(code, needs_real_data)`` of every ```python block, with its heading as id.
+
+    On the line before a block, ``<!-- test: slow -->`` marks it slow and ``<!-- test: needs real
+    data -->`` skips it where TexturedFashion's packages are missing (CI installs them).
+    """
     blocks = []
     for match in re.finditer(r"(?P<before>[^\n]*)\n```python\n(?P<code>.*?)```", README, re.S):
         heading = [h for h in re.findall(r"^#+ (.*)$", README[: match.start()], re.M)][-1]
         slow = "<!-- test: slow" in match.group("before")
-        blocks.append(pytest.param(match.group("code"), id=heading, marks=[pytest.mark.slow] if slow else []))
+        real = "<!-- test: needs real data" in match.group("before")
+        blocks.append(pytest.param(match.group("code"), real, id=heading, marks=[pytest.mark.slow] if slow else []))
     return blocks
 
 
@@ -55,8 +60,11 @@ def test_readme_opens_with_the_two_commands():
     assert first_block[:2] == ['pip install -e . && spurfast demo', 'pip install -e ".[test]" && python -m pytest -q tests']
 
 
-@pytest.mark.parametrize("code", readme_python_blocks())
-def test_readme_python_block_runs_as_pasted(code, tmp_path, monkeypatch):
+@pytest.mark.parametrize("code, needs_real_data", readme_python_blocks())
+def test_readme_python_block_runs_as_pasted(code, needs_real_data, tmp_path, monkeypatch):
+    missing = _real_data_missing() if needs_real_data else None
+    if missing:
+        pytest.skip(f"this block needs TexturedFashion's local data: {missing}")
     monkeypatch.chdir(tmp_path)  # blocks that write files (checkpoints, plots) write them here
     exec(compile(code, "README block", "exec"), {"__name__": "__readme__"})
 

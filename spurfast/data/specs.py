@@ -1,5 +1,5 @@
 """Datasets named by a short spec string, as the ``spurfast`` command takes them:
-``synth``, ``waterbirds:PATH``, ``celeba:PATH`` or ``csv:PATH``.
+``synth``, ``textured_fashion``, ``waterbirds:PATH``, ``celeba:PATH`` or ``csv:PATH``.
 
 File datasets are read once through their evaluation transform (no augmentation, so every
 pass sees the same images) into memory as a :class:`TensorGroupDataset`, which training,
@@ -17,7 +17,10 @@ from spurfast.data.folders import CelebA, GroupedCSVDataset, Waterbirds
 from spurfast.data.synth import SynthWaterbirds
 from spurfast.data.transforms import imagenet_eval_transform
 
-DATA_KINDS = ("synth", "waterbirds", "celeba", "csv")
+DATA_KINDS = ("synth", "textured_fashion", "waterbirds", "celeba", "csv")
+#: Kinds generated in memory from packaged data, which take no path.
+GENERATED_KINDS = ("synth", "textured_fashion")
+SPEC_HELP = "synth, textured_fashion, waterbirds:PATH, celeba:PATH, csv:PATH"
 #: Columns a ``csv:PATH`` file must have (paths are relative to the CSV's folder).
 CSV_COLUMNS = ("path", "label", "attr", "split")
 MAX_IN_MEMORY_BYTES = 8 * 2**30
@@ -58,14 +61,14 @@ class DataSpec(NamedTuple):
 def parse_spec(spec: str):
     """``(kind, path)`` of a spec string; ``path`` is ``None`` for ``synth``."""
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"data: expected one of synth, waterbirds:PATH, celeba:PATH, csv:PATH; got {spec!r}")
+        raise ValueError(f"data: expected one of {SPEC_HELP}; got {spec!r}")
     kind, _, path = spec.partition(":")
     kind = kind.lower()
     if kind not in DATA_KINDS:
-        raise ValueError(f"data: unknown kind {kind!r} in {spec!r}; expected one of synth, waterbirds:PATH, celeba:PATH, csv:PATH")
-    if kind == "synth":
+        raise ValueError(f"data: unknown kind {kind!r} in {spec!r}; expected one of {SPEC_HELP}")
+    if kind in GENERATED_KINDS:
         if path:
-            raise ValueError(f"data: 'synth' takes no path, got {spec!r}")
+            raise ValueError(f"data: {kind!r} takes no path, got {spec!r}")
         return kind, None
     if not path:
         raise ValueError(f"data: {kind!r} needs a path, as in {kind}:PATH")
@@ -96,10 +99,13 @@ def _materialize(dataset, max_samples: Optional[int], seed: int) -> TensorGroupD
     return TensorGroupDataset(images, labels, groups, dataset.num_groups, dataset.group_names, dataset.num_classes)
 
 
-def load_data_spec(spec: str, *, image_size: int = 224, max_samples: Optional[int] = None, seed: int = 0,
+def load_data_spec(spec: str, *, image_size: Optional[int] = None, max_samples: Optional[int] = None, seed: int = 0,
                    n_train: Optional[int] = None, n_test: Optional[int] = None) -> DataSpec:
-    """Train and test sets of a spec (``synth``: :class:`SynthWaterbirds` with ``n_train``/``n_test``).
+    """Train and test sets of a spec (``synth``: :class:`SynthWaterbirds` with ``n_train``/``n_test``;
+    ``textured_fashion``: :class:`~spurfast.data.TexturedFashion`, the same, at ``image_size`` 64
+    by default).
 
+    ``image_size`` defaults to 224 for file datasets.
     ``csv:PATH`` needs the columns :data:`CSV_COLUMNS` (``split`` holds train/val/test or 0/1/2).
     ``max_samples`` keeps a seeded random subset of each split of a file dataset (for ``synth``:
     generates that many training images, and up to 1200 test images).
@@ -118,6 +124,18 @@ def load_data_spec(spec: str, *, image_size: int = 224, max_samples: Optional[in
         train = SynthWaterbirds("train", seed=seed, n=n_train)
         test = SynthWaterbirds("test", seed=seed, n=n_test)
         return DataSpec(train, test, 4, 2, list(train.group_names))
+    if kind == "textured_fashion":
+        from spurfast.data.textured import TexturedFashion
+
+        if max_samples is not None:
+            n_train = n_train or max_samples
+            n_test = n_test or min(max_samples, 1200)
+        size = 64 if image_size is None else image_size
+        train = TexturedFashion("train", seed=seed, n=n_train, image_size=size)
+        test = TexturedFashion("test", seed=seed, n=n_test, image_size=size)
+        return DataSpec(train, test, 4, 2, list(train.group_names))
+    if image_size is None:
+        image_size = 224
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
     resize = max(image_size, round(image_size * 256 / 224))

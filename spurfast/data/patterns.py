@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from spurfast.data._common import InMemoryGroupDataset
+
 
 # --------------------------------------------------------------------------------------------
 # Rare spurious patterns (Yang et al., 2022)
@@ -52,7 +54,7 @@ def add_pattern(
     raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
 
 
-class PatternedDataset(torch.utils.data.Dataset):
+class PatternedDataset(InMemoryGroupDataset):
     """``base`` with ``pattern`` added to ``n`` randomly chosen images of ``target_class``.
 
     Labels and group ids are unchanged. ``base`` needs ``.images``/``.labels``/``.group_ids``
@@ -91,14 +93,6 @@ class PatternedDataset(torch.utils.data.Dataset):
         self.group_names = getattr(base, "group_names", None)
         self.transform = getattr(base, "transform", None)
 
-    def __len__(self) -> int:
-        return self.labels.numel()
-
-    def __getitem__(self, index: int):
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.labels[index], self.group_ids[index]
 
 
 @torch.no_grad()

@@ -2,28 +2,22 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from spurfast.data._common import SYNTH_GROUP_NAMES, WATERBIRDS_TRAIN_COUNTS, _check_split
+from spurfast.data._common import (
+    SYNTH_GROUP_NAMES,
+    InMemoryGroupDataset,
+    _check_split,
+    resolve_group_counts,
+)
 
 
 # --------------------------------------------------------------------------------------------
 # Embedded benchmark
 # --------------------------------------------------------------------------------------------
-
-
-def _split_counts(total: int, fractions: Sequence[float]) -> List[int]:
-    """Integer counts summing to ``total``, proportional to ``fractions`` (largest remainders)."""
-    weights = torch.tensor(fractions, dtype=torch.float64)
-    exact = weights / weights.sum() * total
-    counts = exact.floor().long()
-    remainder = total - int(counts.sum())
-    order = torch.argsort(exact - counts, descending=True, stable=True)
-    counts[order[:remainder]] += 1
-    return counts.tolist()
 
 
 def _backgrounds(attr: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -78,7 +72,7 @@ def _shape_masks(shape_id: torch.Tensor, size: int, gen: torch.Generator) -> tor
     return masks[torch.arange(n), shape_id]
 
 
-class SynthWaterbirds(torch.utils.data.Dataset):
+class SynthWaterbirds(InMemoryGroupDataset):
     """Embedded Waterbirds-like benchmark: procedurally generated RGB images, no files.
 
     The label is carried by a foreground shape (label 0: ellipse or plus, label 1: triangle or
@@ -127,16 +121,7 @@ class SynthWaterbirds(torch.utils.data.Dataset):
         transform: Optional[Callable] = None,
     ):
         split_index = _check_split(split)
-        if group_counts is None:
-            if n is None:
-                n = sum(WATERBIRDS_TRAIN_COUNTS) if split == "train" else 1200
-            if n < 4:
-                raise ValueError(f"n must be >= 4, got {n}")
-            fractions = WATERBIRDS_TRAIN_COUNTS if split == "train" else (1, 1, 1, 1)
-            group_counts = _split_counts(n, fractions)
-        group_counts = [int(c) for c in group_counts]
-        if len(group_counts) != 4 or min(group_counts) < 0 or sum(group_counts) == 0:
-            raise ValueError(f"group_counts must be 4 non-negative counts with a positive sum, got {group_counts}")
+        group_counts = resolve_group_counts(split, n, group_counts)
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {image_size}")
         self.split, self.seed, self.transform = split, seed, transform
@@ -160,15 +145,3 @@ class SynthWaterbirds(torch.utils.data.Dataset):
         self.backgrounds = backgrounds  # [N] int64
         self.shapes = shapes  # [N] int64
 
-    def __len__(self) -> int:
-        return self.labels.numel()
-
-    def __getitem__(self, index: int):
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.labels[index], self.group_ids[index]
-
-    def group_counts(self) -> torch.Tensor:
-        """``[4]`` int64: number of images per group."""
-        return torch.bincount(self.group_ids, minlength=self.num_groups)

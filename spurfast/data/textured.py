@@ -17,8 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spurfast.data._common import WATERBIRDS_TRAIN_COUNTS, DatasetFileError, _check_split
-from spurfast.data.synth import _split_counts
+from spurfast.data._common import DatasetFileError, InMemoryGroupDataset, _check_split, resolve_group_counts
 
 __all__ = ["TexturedFashion", "FASHION_MNIST_DIR", "load_fashion_mnist", "load_texture"]
 
@@ -152,7 +151,7 @@ def _place_items(items: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
     return out[:, 0]
 
 
-class TexturedFashion(torch.utils.data.Dataset):
+class TexturedFashion(InMemoryGroupDataset):
     """Waterbirds from real images: Fashion-MNIST items pasted on photographed textures.
 
     * **Label:** a Fashion-MNIST super-class, 0 = tops (T-shirt/top, Pullover, Coat, Shirt),
@@ -230,16 +229,7 @@ class TexturedFashion(torch.utils.data.Dataset):
         transform: Optional[Callable] = None,
     ):
         split_index = _check_split(split)
-        if group_counts is None:
-            if n is None:
-                n = sum(WATERBIRDS_TRAIN_COUNTS) if split == "train" else 1200
-            if n < 4:
-                raise ValueError(f"n must be >= 4, got {n}")
-            fractions = WATERBIRDS_TRAIN_COUNTS if split == "train" else (1, 1, 1, 1)
-            group_counts = _split_counts(n, fractions)
-        group_counts = [int(c) for c in group_counts]
-        if len(group_counts) != 4 or min(group_counts) < 0 or sum(group_counts) == 0:
-            raise ValueError(f"group_counts must be 4 non-negative counts with a positive sum, got {group_counts}")
+        group_counts = resolve_group_counts(split, n, group_counts)
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {image_size}")
         if noise_std < 0:
@@ -313,15 +303,3 @@ class TexturedFashion(torch.utils.data.Dataset):
         self.crop_boxes = crop_boxes  # [N, 4] int64, texture pixels
         self.item_boxes = item_boxes  # [N, 4] float32, image pixels
 
-    def __len__(self) -> int:
-        return self.labels.numel()
-
-    def __getitem__(self, index: int):
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.labels[index], self.group_ids[index]
-
-    def group_counts(self) -> torch.Tensor:
-        """``[4]`` int64: number of images per group."""
-        return torch.bincount(self.group_ids, minlength=self.num_groups)

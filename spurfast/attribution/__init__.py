@@ -14,7 +14,7 @@
 from spurfast.attribution.ablation import AblationScores, FirstOrderEffects, ablation_scores, first_order_effects
 from spurfast.attribution.influence import self_influence, top_samples
 from spurfast.attribution.interventions import MODES, Intervention, init_sigma, intervene, random_units_like
-from spurfast.attribution.localize import localize
+from spurfast.attribution.localize import localize, rank_all
 from spurfast.attribution.objectives import OBJECTIVES, margin
 from spurfast.attribution.oracle import ORACLE_MODES, OracleResult, ablation_oracle, evaluate_variants
 from spurfast.attribution.scores import (
@@ -47,7 +47,7 @@ from spurfast.attribution.verify import (
 __all__ = [
     "AblationScores", "FAST_SCORES", "FirstOrderEffects", "MemorizedExamples", "OBJECTIVES", "ORACLE_MODES",
     "OracleResult", "VerifiedLocalization", "ablation_oracle", "ablation_scores", "evaluate_variants", "fast_score",
-    "first_order_effects", "iterative_localize", "margin", "memorized_examples", "verified_localize",
+    "first_order_effects", "iterative_localize", "margin", "memorized_examples", "rank_all", "verified_localize",
     "CLASSIFIER", "CONTRASTS", "DEFAULT_EXCLUDE", "GroupProfile", "Intervention", "MODES", "NeuronScores",
     "TraceResult", "Unit", "activation_contrast", "auroc", "average_ranks", "grad_sq_contrast", "group_gradient",
     "group_profile", "init_sigma", "intervene", "localize", "magnitude", "random_units_like", "self_influence",

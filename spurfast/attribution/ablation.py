@@ -18,6 +18,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from spurfast.attribution.interventions import _resolve_units
 from spurfast.attribution.objectives import check_objective, per_sample_objective
 from spurfast.attribution.scores import (
     NeuronScores,
@@ -217,13 +218,7 @@ def first_order_effects(
     units = _as_units(units)
     if not units:
         raise ValueError("units must not be empty")
-    modules = dict(model.named_modules())
-    for u in units:
-        weight = getattr(modules.get(u.layer), "weight", None)
-        if weight is None:
-            raise ValueError(f"units: unknown layer {u.layer!r}")
-        if not 0 <= u.channel < weight.shape[0]:
-            raise ValueError(f"units: channel {u.channel} out of range for layer {u.layer!r} with {weight.shape[0]} neurons")
+    _resolve_units(model, units)  # names and channel ranges, before anything runs
     if layers is None:
         layers = list(dict.fromkeys(u.layer for u in units))
     _, _, group_ids = as_tensors(dataset, "dataset")

@@ -69,3 +69,13 @@ def localize(
     owner = [(n, c) for n in names for c in range(scores[n].numel())]
     order = torch.sort(flat, descending=True, stable=True).indices[:k]
     return [Unit(*owner[int(i)]) for i in order]
+
+
+def rank_all(
+    scores: Union[NeuronScores, Mapping[str, torch.Tensor]],
+    group: Optional[int] = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> List[Unit]:
+    """Every eligible neuron, best first: :func:`localize` with ``k`` = the number of eligible neurons."""
+    eligible = len(localize(scores, k=10**9, group=group, exclude=exclude, per_layer=True))
+    return localize(scores, k=eligible, group=group, exclude=exclude)

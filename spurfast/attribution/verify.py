@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from spurfast.attribution.ablation import ablation_scores, first_order_effects
 from spurfast.attribution.interventions import intervene
-from spurfast.attribution.localize import localize
+from spurfast.attribution.localize import localize, rank_all
 from spurfast.attribution.objectives import check_objective
 from spurfast.attribution.oracle import OracleResult, ablation_oracle
 from spurfast.attribution.scores import (
@@ -151,8 +151,7 @@ def verified_localize(
     if scores is None:
         scores = fast_score(model, dataset, num_groups, target, majority, objective=objective, batch_size=batch_size)
     group = target if isinstance(scores, NeuronScores) and scores.grouped else None
-    eligible = len(localize(scores, k=10**9, group=group, exclude=exclude, per_layer=True))
-    ranked = localize(scores, k=min(candidates, eligible), group=group, exclude=exclude)
+    ranked = rank_all(scores, group=group, exclude=exclude)[:candidates]
     seconds["score"] = time.perf_counter() - started
     started = time.perf_counter()
     known = set(oracle.units) if oracle is not None else set()

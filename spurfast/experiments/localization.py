@@ -31,6 +31,7 @@ from spurfast.attribution import (
     iterative_localize,
     localize,
     magnitude,
+    rank_all,
     memorized_examples,
     trace,
     verified_localize,
@@ -81,11 +82,6 @@ def _as_score(values: NeuronScores, target: int) -> NeuronScores:
     return values.for_group(target) if values.grouped else values
 
 
-def _all_ranked(scores: NeuronScores, exclude) -> List[Unit]:
-    total = len(localize(scores, k=10**9, exclude=exclude, per_layer=True))
-    return localize(scores, k=total, exclude=exclude)
-
-
 def rank_report(ranking: Sequence[Unit], values: Optional[Sequence[float]], oracle, target: int, majority,
                 specific: Sequence[Unit]) -> Dict[str, object]:
     """Spearman of ``values`` (aligned with ``ranking``) with the oracle's target drop, the 1-based rank
@@ -107,7 +103,7 @@ def rank_report(ranking: Sequence[Unit], values: Optional[Sequence[float]], orac
     return out
 
 
-def compute_rankings(model, train, cfg: LocalizationConfig, roles, num_groups: int, oracle, log=lambda s: None):
+def compute_rankings(model, train, cfg: LocalizationConfig, roles, num_groups: int, log=lambda s: None):
     """``{score: {target: (ranking, values or None, extra)}}`` and the seconds each score took."""
     majority, minority = roles
     exclude = cfg.study.exclude
@@ -122,7 +118,7 @@ def compute_rankings(model, train, cfg: LocalizationConfig, roles, num_groups: i
 
     def put(name, per_target_scores):
         for target, score in per_target_scores.items():
-            ranking = _all_ranked(score, exclude)
+            ranking = rank_all(score, exclude=exclude)
             out[name][target] = (ranking, [float(score[u.layer][u.channel]) for u in ranking], {})
 
     wanted = set(cfg.scores)
@@ -153,11 +149,11 @@ def compute_rankings(model, train, cfg: LocalizationConfig, roles, num_groups: i
     if "verified" in wanted:
         started = time.perf_counter()
         for t in minority:
-            score = _fast_scores(model, train, num_groups, t, majority)
+            score = fast_score(model, train, num_groups, t, majority)
             found = verified_localize(model, train, num_groups, t, k=3, scores=score, candidates=cfg.candidates,
                                       majority=majority, penalty=cfg.penalty, exclude=exclude)
             checked = set(found.candidates)
-            rest = [u for u in _all_ranked(score, exclude) if u not in checked]
+            rest = [u for u in rank_all(score, exclude=exclude) if u not in checked]
             order = torch.sort(found.utility, descending=True, stable=True).indices.tolist()
             ranking = [found.candidates[i] for i in order] + rest
             # ranks stand in for scores: the verified candidates by utility, then the fast order
@@ -175,10 +171,6 @@ def compute_rankings(model, train, cfg: LocalizationConfig, roles, num_groups: i
         seconds["iterative"] = round(time.perf_counter() - started, 3)
     log("scores: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return out, seconds
-
-
-def _fast_scores(model, train, num_groups, target, majority) -> NeuronScores:
-    return fast_score(model, train, num_groups, target, majority)
 
 
 def _halves(group_ids: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -202,7 +194,7 @@ def split_half(model, train, cfg: LocalizationConfig, roles, num_groups: int, se
     half_a, half_b = (x[a], y[a], g[a]), (x[b], y[b], g[b])
     out = {}
     for t in minority:
-        fast = _fast_scores(model, half_a, num_groups, t, majority)
+        fast = fast_score(model, half_a, num_groups, t, majority)
         found = verified_localize(model, half_a, num_groups, t, k=max(cfg.study.ks), scores=fast,
                                   candidates=cfg.candidates, majority=majority, penalty=cfg.penalty,
                                   exclude=cfg.study.exclude)
@@ -259,7 +251,7 @@ def analyze_seed(model, train, test, cfg: LocalizationConfig, roles, num_groups:
     record["oracle_seconds_per_unit"] = round(oracle.seconds_per_unit, 4)
     record["oracle"] = oracle.to_dict()
     log(f"oracle: {len(oracle.units)} units in {oracle.seconds:.1f} s ({oracle.seconds_per_unit * 1000:.0f} ms per unit)")
-    rankings, score_seconds = compute_rankings(model, train, cfg, roles, num_groups, oracle, log)
+    rankings, score_seconds = compute_rankings(model, train, cfg, roles, num_groups, log)
     record["seconds"]["scores"] = score_seconds
     specific = {t: specific_units(oracle.drop, oracle.units, t, majority) for t in minority}
     record["group_specific_units"] = {str(t): [f"{u.layer}:{u.channel}" for u in specific[t]] for t in minority}

@@ -36,6 +36,7 @@ from spurfast.attribution import (
     average_ranks,
     group_gradient,
     localize,
+    rank_all,
     self_influence,
     trace,
     verified_localize,
@@ -237,8 +238,7 @@ def study_scores(model, train, cfg: StudyConfig, roles, num_groups: int, exact=N
         order = torch.sort(found.utility, descending=True, stable=True).indices.tolist()
         checked = set(found.candidates)
         ranking = [found.candidates[i] for i in order]
-        ranking += [u for u in localize(fast[t], k=_eligible_count(fast[t], cfg), exclude=cfg.exclude)
-                    if u not in checked]
+        ranking += [u for u in rank_all(fast[t], exclude=cfg.exclude) if u not in checked]
         values = {n: torch.zeros_like(v) for n, v in fast[t].items()}
         for place, u in enumerate(ranking):
             values[u.layer][u.channel] = float(len(ranking) - place)
@@ -246,10 +246,6 @@ def study_scores(model, train, cfg: StudyConfig, roles, num_groups: int, exact=N
         extra["verified"][str(t)] = {"candidates": len(found.candidates),
                                      "utility_top": [round(float(found.utility[i]), 2) for i in order[:max(cfg.ks)]]}
     return out, extra
-
-
-def _eligible_count(score: NeuronScores, cfg: StudyConfig) -> int:
-    return len(localize(score, k=10**9, exclude=cfg.exclude, per_layer=True))
 
 
 def self_influence_report(model, train, checkpoints, weights, localized, cfg: StudyConfig, roles):

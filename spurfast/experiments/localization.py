@@ -63,10 +63,36 @@ class LocalizationConfig:
     scores: Sequence[str] = SCORES
     split_half: bool = True
     split_seed: int = 0
+    #: None: the exact oracle over every eligible unit. An int: over a pool only, the union of each
+    #: score's top ``pool_top`` units, the fast score's top ``candidates`` and ``pool_random`` units
+    #: drawn uniformly (seeded); Spearman is then taken over the uniform draw, and a score's first
+    #: group-specific unit is looked for in its top ``pool_top`` (for a model with too many units).
+    pool_top: Optional[int] = None
+    pool_random: int = 0
+    #: None: scores, oracle and the train readout use the whole training split. An int: a probe of
+    #: it, every minority sample and this many samples (seeded) of each majority group.
+    probe_majority: Optional[int] = None
+    #: Scores whose selections get the full trace (study.modes x ks); the others get k=1, "zero"
+    #: only. None: every score gets the full trace.
+    full_trace: Optional[Sequence[str]] = None
+
+    def __post_init__(self):
+        for name in ("pool_top", "probe_majority"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+        if self.pool_top is not None and self.pool_top < max(3, max(self.study.ks)):
+            raise ValueError(f"pool_top must be >= max(3, max(ks)) = {max(3, max(self.study.ks))}, got {self.pool_top}")
+        if isinstance(self.pool_random, bool) or not isinstance(self.pool_random, int) or self.pool_random < 0:
+            raise ValueError(f"pool_random must be a non-negative int, got {self.pool_random!r}")
+        unknown = [s for s in self.scores if s not in SCORES] + [s for s in (self.full_trace or ()) if s not in SCORES]
+        if unknown:
+            raise ValueError(f"scores/full_trace: unknown {unknown}; expected names from {SCORES}")
 
     def to_dict(self) -> Dict[str, object]:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "study"}
         out["scores"] = list(self.scores)
+        out["full_trace"] = None if self.full_trace is None else list(self.full_trace)
         out["study"] = self.study.to_dict()
         return out
 
@@ -83,15 +109,21 @@ def _as_score(values: NeuronScores, target: int) -> NeuronScores:
 
 
 def rank_report(ranking: Sequence[Unit], values: Optional[Sequence[float]], oracle, target: int, majority,
-                specific: Sequence[Unit]) -> Dict[str, object]:
+                specific: Sequence[Unit], sample=None, depth: Optional[int] = None) -> Dict[str, object]:
     """Spearman of ``values`` (aligned with ``ranking``) with the oracle's target drop, the 1-based rank
-    of the first specific unit, top-1/top-3 oracle drops."""
+    of the first specific unit, top-1/top-3 oracle drops.
+
+    With a pooled oracle: ``sample`` (a set of units the oracle measured, drawn uniformly) is what
+    the Spearman runs over, and the first specific unit is looked for in ``ranking[:depth]``.
+    """
     index = {u: i for i, u in enumerate(oracle.units)}
     drop = oracle.drop
     specific = set(specific)
-    first = next((i + 1 for i, u in enumerate(ranking) if u in specific), None)
+    first = next((i + 1 for i, u in enumerate(ranking[:depth]) if u in specific), None)
+    pairs = [(v, u) for v, u in zip(values or (), ranking) if sample is None or u in sample]
     out = {
-        "spearman": None if values is None else spearman(list(values), [float(drop[index[u], target]) for u in ranking]),
+        "spearman": None if values is None else spearman([v for v, _ in pairs],
+                                                         [float(drop[index[u], target]) for _, u in pairs]),
         "rank_first_specific": first if specific else None,
         "top1_specific": bool(ranking) and ranking[0] in specific,
         "top_units": [f"{u.layer}:{u.channel}" for u in ranking[:3]],
@@ -103,11 +135,17 @@ def rank_report(ranking: Sequence[Unit], values: Optional[Sequence[float]], orac
     return out
 
 
-def compute_rankings(model, train, cfg: LocalizationConfig, roles, num_groups: int, log=lambda s: None):
-    """``{score: {target: (ranking, values or None, extra)}}`` and the seconds each score took."""
+def compute_rankings(model, train, cfg: LocalizationConfig, roles, num_groups: int, log=lambda s: None, *,
+                     names: Optional[Sequence[str]] = None, oracle=None, fast=None):
+    """``{score: {target: (ranking, values or None, extra)}}`` and the seconds each score took.
+
+    ``names``: the scores to compute (default ``cfg.scores``); ``oracle``: exact rows verified
+    localization may reuse; ``fast``: ``{target: fast_score}`` already computed.
+    """
     majority, minority = roles
     exclude = cfg.study.exclude
-    out: Dict[str, Dict[int, tuple]] = {s: {} for s in cfg.scores}
+    names = list(cfg.scores if names is None else names)
+    out: Dict[str, Dict[int, tuple]] = {s: {} for s in names}
     seconds: Dict[str, float] = {}
 
     def timed(name, fn):
@@ -121,7 +159,7 @@ def compute_rankings(model, train, cfg: LocalizationConfig, roles, num_groups: i
             ranking = rank_all(score, exclude=exclude)
             out[name][target] = (ranking, [float(score[u.layer][u.channel]) for u in ranking], {})
 
-    wanted = set(cfg.scores)
+    wanted = set(names)
     if "magnitude" in wanted:
         m = timed("magnitude", lambda: magnitude(model))
         put("magnitude", {t: m for t in minority})
@@ -149,9 +187,9 @@ def compute_rankings(model, train, cfg: LocalizationConfig, roles, num_groups: i
     if "verified" in wanted:
         started = time.perf_counter()
         for t in minority:
-            score = fast_score(model, train, num_groups, t, majority)
+            score = fast[t] if fast is not None else fast_score(model, train, num_groups, t, majority)
             found = verified_localize(model, train, num_groups, t, k=3, scores=score, candidates=cfg.candidates,
-                                      majority=majority, penalty=cfg.penalty, exclude=exclude)
+                                      majority=majority, penalty=cfg.penalty, exclude=exclude, oracle=oracle)
             checked = set(found.candidates)
             rest = [u for u in rank_all(score, exclude=exclude) if u not in checked]
             order = torch.sort(found.utility, descending=True, stable=True).indices.tolist()
@@ -235,6 +273,40 @@ def claim_cells(rows, target: int, majority: Sequence[int]) -> List[Dict[str, ob
     return out
 
 
+def probe_subset(train, roles, per_majority: Optional[int], seed: int):
+    """``train`` itself, or ``(x, y, g)`` of every minority sample and ``per_majority`` seeded draws
+    of each majority group (all of a group that has fewer)."""
+    if per_majority is None:
+        return train
+    x, y, g = as_tensors(train, "train")
+    generator = torch.Generator().manual_seed(10_007 + seed)
+    keep = []
+    for group in torch.unique(g).tolist():
+        members = (g == group).nonzero().squeeze(1)
+        if group in roles[0] and len(members) > per_majority:
+            members = members[torch.randperm(len(members), generator=generator)[:per_majority]]
+        keep.append(members)
+    index = torch.cat(keep).sort().values
+    return x[index], y[index], g[index]
+
+
+def unit_pool(model, rankings, fast, cfg: LocalizationConfig, seed: int) -> Tuple[List[Unit], set]:
+    """The pooled oracle's units (each ranking's top ``pool_top``, the fast scores' top ``candidates``,
+    a uniform draw of ``pool_random`` eligible units) and the set of the drawn ones."""
+    exclude = cfg.study.exclude
+    pool: Dict[Unit, None] = {}
+    for per_target in rankings.values():
+        for ranking, _, _ in per_target.values():
+            pool.update(dict.fromkeys(ranking[:cfg.pool_top]))
+    for score in fast.values():
+        pool.update(dict.fromkeys(rank_all(score, exclude=exclude)[:cfg.candidates]))
+    eligible = sorted(rank_all(magnitude(model), exclude=exclude))
+    generator = torch.Generator().manual_seed(20_011 + seed)
+    drawn = [eligible[i] for i in torch.randperm(len(eligible), generator=generator)[:cfg.pool_random].tolist()]
+    pool.update(dict.fromkeys(drawn))
+    return sorted(pool), set(drawn)
+
+
 def analyze_seed(model, train, test, cfg: LocalizationConfig, roles, num_groups: int, seed: int,
                  log: Callable[[str], None] = lambda s: None):
     """Everything for one trained model: ``(cases, trace rows, seed record)``."""
@@ -246,12 +318,36 @@ def analyze_seed(model, train, test, cfg: LocalizationConfig, roles, num_groups:
         name: [round(100 * a, 2) for a in evaluate(model, ds, num_groups=num_groups).group_acc.tolist()]
         for name, ds in (("train", train), ("test", test))
     }
-    oracle = ablation_oracle(model, train, num_groups, exclude=study.exclude)
+    probe = probe_subset(train, roles, cfg.probe_majority, seed)
+    if probe is not train:
+        record["probe_group_counts"] = torch.bincount(probe[2], minlength=num_groups).tolist()
+        train = probe  # scores, oracle, verification and the train readout all run on the probe
+    sample, depth = None, None
+    if cfg.pool_top is None:
+        oracle = ablation_oracle(model, train, num_groups, exclude=study.exclude)
+        rankings, score_seconds = compute_rankings(model, train, cfg, roles, num_groups, log)
+    else:
+        late = [s for s in cfg.scores if s in ("verified", "iterative")]
+        rankings, score_seconds = compute_rankings(model, train, cfg, roles, num_groups, log,
+                                                   names=[s for s in cfg.scores if s not in late])
+        started = time.perf_counter()
+        fast = {t: fast_score(model, train, num_groups, t, majority) for t in minority} if late else {}
+        score_seconds["fast_score"] = round(time.perf_counter() - started, 3)
+        units, sample = unit_pool(model, rankings, fast, cfg, seed)
+        oracle = ablation_oracle(model, train, num_groups, units=units)
+        if late:
+            more, more_seconds = compute_rankings(model, train, cfg, roles, num_groups, log, names=late,
+                                                  oracle=oracle, fast=fast)
+            rankings.update(more)
+            score_seconds.update(more_seconds)
+        rankings = {name: rankings[name] for name in cfg.scores}
+        depth = cfg.pool_top
+        record["pool"] = {"units": len(units), "drawn": len(sample),
+                          "eligible": len(rank_all(magnitude(model), exclude=study.exclude))}
     record["seconds"]["oracle"] = round(oracle.seconds, 2)
     record["oracle_seconds_per_unit"] = round(oracle.seconds_per_unit, 4)
     record["oracle"] = oracle.to_dict()
     log(f"oracle: {len(oracle.units)} units in {oracle.seconds:.1f} s ({oracle.seconds_per_unit * 1000:.0f} ms per unit)")
-    rankings, score_seconds = compute_rankings(model, train, cfg, roles, num_groups, log)
     record["seconds"]["scores"] = score_seconds
     specific = {t: specific_units(oracle.drop, oracle.units, t, majority) for t in minority}
     record["group_specific_units"] = {str(t): [f"{u.layer}:{u.channel}" for u in specific[t]] for t in minority}
@@ -262,13 +358,16 @@ def analyze_seed(model, train, test, cfg: LocalizationConfig, roles, num_groups:
         for t in minority:
             ranking, values, extra = rankings[name][t]
             case = {"seed": seed, "group": t, "score": name, "oracle_specific_units": len(specific[t])}
-            case.update(rank_report(ranking, values, oracle, t, majority, specific[t]))
+            verified_depth = extra.get("candidates", depth) if name == "verified" else depth
+            case.update(rank_report(ranking, values, oracle, t, majority, specific[t], sample, verified_depth))
             case.update(extra)
+            full = cfg.full_trace is None or name in cfg.full_trace
+            ks, modes = (study.ks, study.modes) if full else ([1], ["zero"])
             score_rows = []
-            for k in study.ks:
-                key = (t, tuple(ranking[:k]))
+            for k in ks:
+                key = (t, tuple(ranking[:k]), tuple(modes))
                 if key not in cache:
-                    result = trace(model, ranking[:k], {"train": train, "test": test}, modes=study.modes,
+                    result = trace(model, ranking[:k], {"train": train, "test": test}, modes=modes,
                                    sigmas=study.sigmas, repeats=study.repeats, ks=[k], num_groups=num_groups,
                                    seed=1000 * seed, batch_size=study.eval_batch_size)
                     cache[key] = result.rows
@@ -314,7 +413,8 @@ def summarize_cases(cases, rows, roles, ks, scores) -> List[Dict[str, object]]:
                 "spearman_mean": round(statistics.fmean(rhos), 3) if rhos else None,
                 "rank_first_specific": [c["rank_first_specific"] for c in mine],
                 "top1_target_drop_mean": round(statistics.fmean(c["top1_drop"][t] for c in mine), 2),
-                "claims": [c for c in claims if c["target"] == t],
+                # scores outside cfg.full_trace have k=1 "zero" cells only
+                "claims": [c for c in claims if c["target"] == t and c["target_drop"] == c["target_drop"]],
             })
     return out
 

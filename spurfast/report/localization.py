@@ -51,10 +51,20 @@ def score_table(results: Dict) -> Table:
             " / ".join(claims), _num(statistics.fmean(secs), 1) if secs else "-",
         ])
     groups = "/".join(f"g{t}" for t in minority)
+    title = f"Scores against the exact oracle ({len(results['seeds'])} seeds x {len(minority)} minority groups)"
+    pools = [seed["pool"] for seed in results["seeds"] if seed.get("pool")]
+    if pools:
+        cfg = results["config"]
+        title += (f"; oracle over a pool of {round(statistics.fmean(p['units'] for p in pools))} of "
+                  f"{pools[0]['eligible']} units, Spearman over the {pools[0]['drawn']} drawn uniformly, "
+                  f"1st specific unit searched in each score's top {cfg['pool_top']} (verified: its "
+                  f"{cfg['candidates']} candidates)")
+    if results["seeds"] and results["seeds"][0].get("probe_group_counts"):
+        title += f"; train readout on a probe, group counts {results['seeds'][0]['probe_group_counts']}"
     return Table(
         ["score", "top-1 group-specific (cases)", "mean Spearman", "rank of 1st specific unit (seeds)",
          f"top-1 train drop {groups} (pts)", f"claim k=1 zero, train drop {groups} (✓ met)", "score s"],
-        rows, "Scores against the exact oracle (3 seeds x 2 minority groups)")
+        rows, title)
 
 
 def claim_table(results: Dict, score: str) -> Table:

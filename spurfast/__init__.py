@@ -10,6 +10,7 @@ Public API (everything else is internal)::
 from spurfast import ops
 from spurfast._extension import build_info
 from spurfast.capture import NeuronStats
+from spurfast.masks import Mask, masked, masked_call
 from spurfast.attribution import (
     AblationScores,
     OracleResult,
@@ -47,6 +48,7 @@ __all__ = [
     "memorized_examples",
     "verified_localize",
     "Intervention",
+    "Mask",
     "NeuronScores",
     "NeuronStats",
     "TraceResult",
@@ -61,6 +63,8 @@ __all__ = [
     "localize",
     "magnitude",
     "margin",
+    "masked",
+    "masked_call",
     "ops",
     "self_influence",
     "top_samples",

@@ -15,6 +15,7 @@ README = (ROOT / "README.md").read_text()
 DOCTEST_MODULES = [
     "spurfast._extension",
     "spurfast.capture",
+    "spurfast.masks",
     "spurfast.ops.linear_grad_stats",
     "spurfast.ops.conv_grad_stats",
     "spurfast.ops.activation_stats",
@@ -36,6 +37,7 @@ DOCTEST_MODULES = [
     "spurfast.metrics",
     "spurfast.train.erm",
     "spurfast.train.checkpoints",
+    "spurfast.train.example_tied",
     "spurfast.report.runs",
 ]
 

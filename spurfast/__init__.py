@@ -7,7 +7,7 @@ Public API (everything else is internal)::
     with stats.record(group_ids):
         F.cross_entropy(model(x), y).backward()
 """
-from spurfast import ops
+from spurfast import losses, ops, train
 from spurfast._extension import build_info
 from spurfast.capture import NeuronStats
 from spurfast.masks import Mask, masked, masked_call
@@ -65,7 +65,9 @@ __all__ = [
     "margin",
     "masked",
     "masked_call",
+    "losses",
     "ops",
+    "train",
     "self_influence",
     "top_samples",
     "trace",

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from spurfast.bench import cpu_backends  # noqa: E402
+from spurfast.bench import masked_step  # noqa: E402
 from spurfast.report import localization as L  # noqa: E402
 from spurfast.report import tables as T  # noqa: E402
 
@@ -48,6 +49,7 @@ TABLES = {
     "erm": (_json("erm_synth_waterbirds.json"), lambda r: r["table_markdown"]),
     "cpu_backends": (_json("cpu_backends.json"), lambda r: cpu_backends.render(r)),
     "cpu_backends_layers": (_json("cpu_backends.json"), lambda r: cpu_backends.render_layers(r)),
+    "masked_step": (_json("masked_step/masked_step.json"), lambda r: masked_step.render(r)),
 }
 
 # A region's body never contains another region's start, so an empty region cannot swallow the next.

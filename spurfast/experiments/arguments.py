@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Sequence
 
 
-def add_synth_study_arguments(p: argparse.ArgumentParser, *, modes: Sequence[str], sigmas: Sequence[str]) -> None:
-    """Seeds, data size, SmallCNN width, the ERM settings, the intervention grid, threads and ``--out``."""
+def add_synth_training_arguments(p: argparse.ArgumentParser) -> None:
+    """Seeds, data size, SmallCNN width and the ERM settings of the synthetic benchmarks."""
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=2000)
@@ -16,6 +16,11 @@ def add_synth_study_arguments(p: argparse.ArgumentParser, *, modes: Sequence[str
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=64)
+
+
+def add_synth_study_arguments(p: argparse.ArgumentParser, *, modes: Sequence[str], sigmas: Sequence[str]) -> None:
+    """:func:`add_synth_training_arguments`, the intervention grid, threads and ``--out``."""
+    add_synth_training_arguments(p)
     p.add_argument("--hardest", type=int, default=200, help="samples per group for the group-gradient score")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--modes", nargs="+", default=list(modes))

@@ -358,7 +358,8 @@ def analyze_seed(model, train, test, cfg: LocalizationConfig, roles, num_groups:
         for t in minority:
             ranking, values, extra = rankings[name][t]
             case = {"seed": seed, "group": t, "score": name, "oracle_specific_units": len(specific[t])}
-            verified_depth = extra.get("candidates", depth) if name == "verified" else depth
+            # with a pooled oracle, verified's exactly measured candidates bound the search
+            verified_depth = extra.get("candidates", depth) if name == "verified" and depth is not None else depth
             case.update(rank_report(ranking, values, oracle, t, majority, specific[t], sample, verified_depth))
             case.update(extra)
             full = cfg.full_trace is None or name in cfg.full_trace

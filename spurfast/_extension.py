@@ -168,12 +168,24 @@ def _why_no_cuda(cuda_sources: List[Path]) -> Optional[str]:
         return "no CUDA sources"
     if torch.version.cuda is None:
         return "torch is not a CUDA build"
-    # Imported only when there are CUDA sources: the import itself looks for a toolkit.
-    if _import_cpp_extension().CUDA_HOME is None:
+    if _cuda_home() is None:
         return "no CUDA toolkit found (set CUDA_HOME)"
     if _cuda_arch_list() is None:
         return "no GPU visible and TORCH_CUDA_ARCH_LIST unset, so no GPU architecture to compile for"
     return None
+
+
+def _cuda_home() -> Optional[str]:
+    """The CUDA toolkit torch.utils.cpp_extension would use (``CUDA_HOME``/``CUDA_PATH``, the
+    ``nvcc`` on ``PATH``, else ``/usr/local/cuda``), found without importing it: loading a
+    cached build must work where the build machinery cannot be imported."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return os.path.dirname(os.path.dirname(nvcc))
+    return "/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None
 
 
 def _cuda_arch_list() -> Optional[str]:

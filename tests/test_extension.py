@@ -319,3 +319,18 @@ def test_cpp_backend_on_wrong_device_is_an_error():
             torch.randn(2, 3, device="cuda"), torch.randn(2, 2, device="cuda"), torch.zeros(2, dtype=torch.long), 1,
             backend="cpp",
         )
+
+
+def test_build_spec_of_a_cuda_torch_needs_no_build_machinery(monkeypatch):
+    """Deciding whether the CUDA sources are compiled (part of the cache key) must not import
+    torch.utils.cpp_extension: a cached build has to load where it cannot be imported."""
+    import torch
+    from spurfast import _extension
+
+    monkeypatch.setattr(torch.version, "cuda", "12.1")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setitem(sys.modules, "torch.utils.cpp_extension", None)  # importing it now raises
+    spec = _extension._build_spec()
+    assert spec["with_cuda"] is False and spec["cuda_skipped"]  # no GPU here, no arch list
+    monkeypatch.setenv("CUDA_HOME", "/nonexistent-toolkit")
+    assert _extension._cuda_home() == "/nonexistent-toolkit"

@@ -290,9 +290,9 @@ def probe_subset(train, roles, per_majority: Optional[int], seed: int):
     return x[index], y[index], g[index]
 
 
-def unit_pool(model, rankings, fast, cfg: LocalizationConfig, seed: int) -> Tuple[List[Unit], set]:
+def unit_pool(model, rankings, fast, cfg: LocalizationConfig, seed: int) -> Tuple[List[Unit], set, int]:
     """The pooled oracle's units (each ranking's top ``pool_top``, the fast scores' top ``candidates``,
-    a uniform draw of ``pool_random`` eligible units) and the set of the drawn ones."""
+    a uniform draw of ``pool_random`` eligible units), the set of the drawn ones and the number of eligible units."""
     exclude = cfg.study.exclude
     pool: Dict[Unit, None] = {}
     for per_target in rankings.values():
@@ -304,7 +304,7 @@ def unit_pool(model, rankings, fast, cfg: LocalizationConfig, seed: int) -> Tupl
     generator = torch.Generator().manual_seed(20_011 + seed)
     drawn = [eligible[i] for i in torch.randperm(len(eligible), generator=generator)[:cfg.pool_random].tolist()]
     pool.update(dict.fromkeys(drawn))
-    return sorted(pool), set(drawn)
+    return sorted(pool), set(drawn), len(eligible)
 
 
 def analyze_seed(model, train, test, cfg: LocalizationConfig, roles, num_groups: int, seed: int,
@@ -333,7 +333,7 @@ def analyze_seed(model, train, test, cfg: LocalizationConfig, roles, num_groups:
         started = time.perf_counter()
         fast = {t: fast_score(model, train, num_groups, t, majority) for t in minority} if late else {}
         score_seconds["fast_score"] = round(time.perf_counter() - started, 3)
-        units, sample = unit_pool(model, rankings, fast, cfg, seed)
+        units, sample, eligible = unit_pool(model, rankings, fast, cfg, seed)
         oracle = ablation_oracle(model, train, num_groups, units=units)
         if late:
             more, more_seconds = compute_rankings(model, train, cfg, roles, num_groups, log, names=late,
@@ -343,7 +343,7 @@ def analyze_seed(model, train, test, cfg: LocalizationConfig, roles, num_groups:
         rankings = {name: rankings[name] for name in cfg.scores}
         depth = cfg.pool_top
         record["pool"] = {"units": len(units), "drawn": len(sample),
-                          "eligible": len(rank_all(magnitude(model), exclude=study.exclude))}
+                          "eligible": eligible}
     record["seconds"]["oracle"] = round(oracle.seconds, 2)
     record["oracle_seconds_per_unit"] = round(oracle.seconds_per_unit, 4)
     record["oracle"] = oracle.to_dict()

@@ -11,6 +11,7 @@ Every command that writes results writes them to a new folder under ``runs/`` un
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import platform
@@ -30,17 +31,21 @@ EXAMPLES = """examples:
 """
 
 # The demo's two settings: the same data and model (which fit every training group, so there is
-# memorization to find); --quick draws fewer interventions and keeps fewer TracIn checkpoints.
+# memorization to find); --quick draws fewer interventions, keeps fewer TracIn checkpoints and
+# fine-tunes fewer framework variants for fewer epochs. "framework": the "ERM vs framework"
+# section (see spurfast.experiments.framework_study), fine-tuned from the demo's ERM model.
 DEMO_PRESETS: Dict[str, Dict[str, object]] = {
     "default": {
         "n_train": 2000, "n_test": 1200, "width": 16,
         "study": {"epochs": 30, "tracin_every": 5, "hardest": 200, "ks": (1, 2, 3), "modes": ("zero", "random_init"),
                   "sigmas": ("init", 0.01), "repeats": 10, "oracle": True},
+        "framework": {"n_val": 600, "epochs": 21, "variants": ("features", "softmax", "logits")},
     },
     "quick": {
         "n_train": 2000, "n_test": 1200, "width": 16,
         "study": {"epochs": 30, "tracin_every": 10, "hardest": 200, "ks": (1, 2), "modes": ("zero", "random_init"),
                   "sigmas": ("init",), "repeats": 3, "oracle": True},
+        "framework": {"n_val": 600, "epochs": 10, "variants": ("features", "logits")},
     },
 }
 
@@ -140,19 +145,62 @@ def cmd_demo(args) -> int:
     def make_model():
         return SmallCNN(num_classes=2, width=width).to(memory_format=torch.channels_last)
 
+    framework = None if args.no_framework else preset["framework"]
+    val = None if framework is None else _demo_val_split(args.data, framework["n_val"], args.data_seed)
     out_dir = new_run_dir("demo", args.out)
     _log(f"{'quick ' if args.quick else ''}demo: {data_name} ({len(spec.train)} train, groups "
          f"{spec.train.group_counts().tolist()}; {len(spec.test)} test), SmallCNN(width={width}), "
          f"{cfg.epochs} epochs of ERM, seed {args.seed}, on {device}; writing to {out_dir}")
+    trained = {}
+
+    def keep(seed, model, info):  # the ERM model, for the framework section after the analysis
+        trained.update(model=copy.deepcopy(model), **info)
+
     results = run_study(make_model, spec.train, spec.test, cfg, num_groups=spec.num_groups,
-                        group_names=spec.group_names, progress=not args.no_progress, log=_log)
+                        group_names=spec.group_names, progress=not args.no_progress, log=_log,
+                        on_trained=keep if framework is not None else None)
+    if framework is not None:
+        results["framework"] = _framework_section(framework, cfg, width, trained, spec, val, args.seed, device,
+                                                  progress=not args.no_progress)
     what = ("the embedded SynthWaterbirds (the background is spurious, the shape is the label" if args.data == "synth"
             else "TexturedFashion (Fashion-MNIST tops vs footwear on grass vs brick; the texture is spurious")
     intro = (f"ERM on {what}; groups 1 and 2 "
              "contradict the correlation), then the memorization analysis of You et al. (2025): which neurons the "
              "minority groups' fit lives in, what zeroing or re-initialising them does against random neurons, and "
-             "which training samples they hold.")
+             "which training samples they hold"
+             + ("; and, from the same ERM model, the dense/masked training framework of its Part II against a "
+                "control and DFR." if framework is not None else "."))
     return _finish(results, out_dir, args, device, started, f"spurfast demo: memorization on {data_name}", spec.train, intro)
+
+
+def _demo_val_split(data: str, n_val: int, data_seed: int):
+    """The balanced validation split of the demo's generator (DFR's held-out data)."""
+    from spurfast.data import SynthWaterbirds, TexturedFashion
+
+    if data == "synth":
+        return SynthWaterbirds("val", seed=data_seed, n=n_val)
+    return TexturedFashion("val", seed=data_seed, n=n_val)
+
+
+def _framework_section(settings, cfg, width: int, trained, spec, val, seed: int, device: str, *, progress: bool):
+    """The demo's "ERM vs framework" numbers: the framework variants, the control and DFR, each
+    from a copy of the demo's ERM model (the same recipe as ``benchmarks/silent_majority.py``)."""
+    from spurfast.experiments.erm_study import ERMRecipe
+    from spurfast.experiments.framework_study import FrameworkStudyConfig, compare_methods, minority_groups
+
+    started = time.perf_counter()
+    recipe = ERMRecipe("small_cnn", epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer,
+                       lr_schedule=cfg.lr_schedule, batch_size=cfg.batch_size, width=width)
+    fcfg = FrameworkStudyConfig(recipe, seeds=(seed,), epochs=settings["epochs"], variants=settings["variants"])
+    _log(f"ERM vs framework: {', '.join(settings['variants'])} ({fcfg.epochs} epochs each), the control and DFR "
+         f"({len(val)} validation images), from the seed-{seed} ERM model")
+    rows = compare_methods(fcfg, trained["model"], spec.train, val, spec.test, seed,
+                           erm_history=trained["history"], erm_seconds=trained["seconds"],
+                           num_groups=spec.num_groups, device=device, progress=progress, log=_log)
+    counts = spec.train.group_counts().tolist()
+    return {"config": fcfg.to_dict(), "seed": seed, "val_group_counts": val.group_counts().tolist(),
+            "minority_groups": minority_groups(counts), "rows": rows,
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _build_model(name: str, spec, width: int):
@@ -308,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="a smaller run of the same pipeline (under 2 minutes on a 2-core CPU)")
     demo.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    demo.add_argument("--no-framework", action="store_true",
+                      help="skip the ERM vs framework section (the dense/masked fine-tuning, its control and DFR)")
     demo.add_argument("--data", choices=("synth", "textured_fashion"), default="synth",
                       help="synth (default: SynthWaterbirds, generated) or textured_fashion (Fashion-MNIST items on "
                            "real textures at 64x64; needs `apt-get install dataset-fashion-mnist` and "

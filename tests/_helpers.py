@@ -18,4 +18,5 @@ TINY_DEMO_PRESET = {
     "n_train": 240, "n_test": 80, "width": 4,
     "study": {"epochs": 2, "tracin_every": 1, "hardest": 20, "ks": (1, 2), "modes": ("zero", "random_init"),
               "sigmas": ("init",), "repeats": 2, "oracle": True},
+    "framework": {"n_val": 40, "epochs": 1, "variants": ("features",)},
 }

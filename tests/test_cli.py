@@ -55,8 +55,14 @@ def test_demo_writes_results_figures_and_report(tmp_path, tiny_demo, capsys):
     assert len(run["history"]) == 2 and results["summary"]
     for name in results["figures"].values():
         assert (out / name).stat().st_size > 1000
-    assert {"training", "trace_train", "oracle", "self_influence", "top_samples"} <= set(results["figures"])
+    assert {"training", "trace_train", "oracle", "self_influence", "top_samples", "framework"} <= set(results["figures"])
+    framework = results["framework"]
+    assert list(framework["rows"]) == ["erm", "erm_continued", "framework_features", "dfr"]
+    assert framework["rows"]["erm"]["test_group_acc"] == run["before_group_acc"]["test"]  # the study's ERM model
+    assert framework["val_group_counts"] == [10, 10, 10, 10] and framework["minority_groups"] == [1, 2]
+    assert framework["rows"]["framework_features"]["mask_fraction"] > 0
     page = (out / "report.html").read_text()
+    assert "ERM vs framework" in page
     assert page.count("<table>") >= 5 and page.count("data:image/png;base64,") == len(results["figures"])
     assert "http://" not in page and "https://" not in page and "<script" not in page  # opens from disk, offline
     assert results["meta"]["command"] == "spurfast demo --quick --out " + str(out) + " --no-progress"
@@ -72,15 +78,21 @@ def test_demo_is_deterministic(tmp_path, tiny_demo):
             run.pop("seconds"), run.pop("train_seconds")
             for h in run["history"]:
                 h.pop("seconds")
+        r["framework"].pop("seconds")
+        for row in r["framework"]["rows"].values():
+            row.pop("seconds"), row.pop("epoch_seconds", None)
+    assert a["framework"]["rows"]["framework_features"]["test_group_acc"]
     assert a == b
 
 
 def test_demo_default_out_is_a_new_run_folder(tmp_path, tiny_demo, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for _ in range(2):
-        assert cli.main(["demo", "--quick", "--no-progress", "--no-oracle", "--no-self-influence"]) == 0
+        assert cli.main(["demo", "--quick", "--no-progress", "--no-oracle", "--no-self-influence", "--no-framework"]) == 0
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2 and all(r.name.startswith("demo-") and (r / "report.html").exists() for r in runs)
+    results = json.loads((runs[0] / "results.json").read_text())
+    assert "framework" not in results and "framework" not in results["figures"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -433,3 +433,27 @@ def test_study_methods_start_from_copies_of_the_erm_model(tiny):
     assert names == method_names(cfg)[1:]
     with pytest.raises(ValueError, match="variants"):
         FrameworkStudyConfig(ERMRecipe("small_cnn", epochs=1, lr=2e-3), variants=("features", "features"))
+
+
+def test_compare_methods_on_a_model_trained_elsewhere_matches_run_seed(tiny):
+    """The demo's path (ERM trained by the memorization study, then compare_methods) gives the
+    rows run_seed gives when the ERM stage is the same, and leaves the ERM model unchanged."""
+    from spurfast.experiments.erm_study import ERMRecipe, build_model
+    from spurfast.experiments.framework_study import FrameworkStudyConfig, _erm_stage, compare_methods, run_seed
+
+    train, test = tiny
+    val = SynthWaterbirds("val", seed=0, n=40)
+    cfg = FrameworkStudyConfig(ERMRecipe("small_cnn", epochs=1, lr=2e-3, width=4), seeds=(0,), epochs=1,
+                               batch_size=48, variants=("logits",), dfr_subsamples=2)
+    expected = run_seed(cfg, train, val, test, 0, num_groups=4)
+    torch.manual_seed(0)
+    erm_model = build_model(cfg.recipe)
+    _erm_stage(cfg, erm_model, train, 0, epochs=1, num_groups=4, device="cpu", progress=False)
+    before = _snapshot(erm_model)
+    rows = compare_methods(cfg, erm_model, train, val, test, 0, num_groups=4)
+    _assert_same_state(erm_model, before)
+    assert list(rows) == list(expected) == ["erm", "erm_continued", "framework_logits", "dfr"]
+    assert rows["erm"]["seconds"] is None and "epoch_seconds" not in rows["erm"]
+    for name in rows:
+        for key in ("test_group_acc", "train_group_acc", "memorization_gap", "minority_gap", "test_worst_group_acc"):
+            assert rows[name][key] == expected[name][key], (name, key)

@@ -18,7 +18,8 @@ memorization gap (train - test per group) and its mean over the minority groups
 (:func:`minority_groups`), the test average and worst-group accuracy. Nothing is tuned on the
 test set: every setting is fixed before the run.
 
-* :class:`FrameworkStudyConfig`, :func:`run_seed`, :func:`run_framework_study`,
+* :class:`FrameworkStudyConfig`, :func:`run_seed`, :func:`compare_methods` (the methods after
+  ERM, from a model trained elsewhere, as ``spurfast demo`` does), :func:`run_framework_study`,
   :func:`summarize_method`, :func:`markdown_table`, and :func:`estimate_seconds` (one epoch of
   every piece, timed, extrapolated to the whole study).
 
@@ -44,7 +45,7 @@ from spurfast.train.erm import erm
 from spurfast.train.silent_majority import silent_majority
 
 __all__ = [
-    "FrameworkStudyConfig", "minority_groups", "evaluate_method", "run_seed", "run_framework_study",
+    "FrameworkStudyConfig", "minority_groups", "evaluate_method", "run_seed", "compare_methods", "run_framework_study",
     "summarize_method", "markdown_table", "estimate_seconds", "method_names",
 ]
 
@@ -195,19 +196,32 @@ def run_seed(cfg: FrameworkStudyConfig, train, val, test, seed: int, *, num_grou
     (per epoch, for trained methods) and, for the framework, ``final_lr`` and ``mask_fraction``.
     """
     _check_sets(train, val, test)
-    minority = minority_groups(torch.bincount(torch.as_tensor(train.group_ids), minlength=num_groups).tolist())
-    rows: Dict[str, Dict[str, Any]] = {}
     torch.manual_seed(seed)
     model = build_model(cfg.recipe)
     started = time.perf_counter()
     history = _erm_stage(cfg, model, train, seed, epochs=cfg.recipe.epochs, num_groups=num_groups, device=device,
                          progress=progress)
-    seconds = time.perf_counter() - started
+    return compare_methods(cfg, model, train, val, test, seed, erm_history=history,
+                           erm_seconds=time.perf_counter() - started, num_groups=num_groups, device=device,
+                           progress=progress, log=log)
+
+
+def compare_methods(cfg: FrameworkStudyConfig, erm_model: nn.Module, train, val, test, seed: int, *,
+                    erm_history: Optional[Sequence[Mapping[str, Any]]] = None, erm_seconds: Optional[float] = None,
+                    num_groups: int = 4, device: str = "cpu", progress: bool = False,
+                    log: Optional[Callable[[str], None]] = None) -> Dict[str, Dict[str, Any]]:
+    """Every method of ``cfg`` after ERM, from copies of an already trained ``erm_model`` (left
+    unchanged); rows as :func:`run_seed` returns them, ``erm`` first (``seconds`` is
+    ``erm_seconds``, ``None`` when not given). ``cfg.recipe`` is only recorded, not used.
+    """
+    _check_sets(train, val, test)
+    minority = minority_groups(torch.bincount(torch.as_tensor(train.group_ids), minlength=num_groups).tolist())
+    rows: Dict[str, Dict[str, Any]] = {}
 
     def record(name, trained, history, seconds):
         row = {"seed": seed, **evaluate_method(trained, train, test, num_groups=num_groups, device=device,
                                                minority=minority)}
-        row["seconds"] = round(seconds, 2)
+        row["seconds"] = None if seconds is None else round(seconds, 2)
         if history:
             row["epoch_seconds"] = [round(h["seconds"], 3) for h in history]
             if "mask_fraction" in history[-1]:
@@ -217,9 +231,9 @@ def run_seed(cfg: FrameworkStudyConfig, train, val, test, seed: int, *, num_grou
             log(f"seed {seed} {name}: test {row['test_group_acc']} avg {row['test_avg_acc']} worst "
                 f"{row['test_worst_group_acc']}, minority gap {row['minority_gap']} ({row['seconds']} s)")
 
-    record("erm", model, history, seconds)
+    record("erm", erm_model, erm_history, erm_seconds)
     started = time.perf_counter()
-    for name, trained, history in _methods(cfg, model, train, val, seed, epochs=cfg.epochs, num_groups=num_groups,
+    for name, trained, history in _methods(cfg, erm_model, train, val, seed, epochs=cfg.epochs, num_groups=num_groups,
                                            device=device, progress=progress):
         record(name, trained, history, time.perf_counter() - started)
         started = time.perf_counter()

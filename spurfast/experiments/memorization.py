@@ -401,12 +401,17 @@ def run_study(
     model: Optional[nn.Module] = None,
     progress: bool = False,
     log: Callable[[str], None] = lambda s: None,
+    on_trained: Optional[Callable[[int, nn.Module, Dict[str, object]], None]] = None,
 ) -> Dict[str, object]:
     """Run the study for every seed in ``cfg.seeds`` and return every number as plain JSON-able data.
 
     ``make_model()`` builds a fresh, untrained model. With ``model`` (already trained, e.g. from
     a user's checkpoint) nothing is trained: one analysis of that model, with self-influence
     from its final weights only (there are no training checkpoints).
+
+    ``on_trained(seed, model, info)``, when given, is called with each trained model before its
+    analysis (``info``: ``history``, ``seconds``), e.g. to keep a copy for later training; it
+    must not change ``model``.
     """
     _, _, train_groups = as_tensors(train, "train", num_groups=num_groups)
     _, _, test_groups = as_tensors(test, "test", num_groups=num_groups)
@@ -424,6 +429,8 @@ def run_study(
             log(f"seed {seed}: trained in {seconds:.1f} s")
         else:
             trained, checkpoints, ck_epochs, history, seconds, weights = model, None, [], [], None, None
+        if on_trained is not None:
+            on_trained(seed, trained, {"history": history, "seconds": seconds})
         run, seed_rows = analyze(trained, train, test, cfg, roles, num_groups, seed=seed,
                                  checkpoints=checkpoints, weights=weights, log=lambda s: log(f"seed {seed}: {s}"))
         run["train_seconds"] = None if seconds is None else round(seconds, 1)

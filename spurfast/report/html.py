@@ -31,6 +31,8 @@ FIGURE_CAPTIONS = {
     "oracle": "Each eligible unit zeroed alone: the study's score (x) against the measured drop of the target group (y).",
     "self_influence": "Per-sample TracIn self-influence by group: memorized minority samples carry more.",
     "top_samples": "The training images that load each minority group's first localized unit most.",
+    "framework": "ERM vs framework: test accuracy per group of the ERM model, the control, the dense/masked "
+                 "framework fine-tuned from it and DFR.",
 }
 
 

@@ -147,6 +147,33 @@ def plot_top_samples(results: Dict, train_images: torch.Tensor, path: Path, per_
     return path
 
 
+def plot_framework(results: Dict, path: Path) -> Optional[Path]:
+    """Test accuracy per group of each method of the "ERM vs framework" section, as grouped bars."""
+    section = results.get("framework")
+    if not section:
+        return None
+    plt = _pyplot()
+    names = results["data"]["group_names"]
+    methods = list(section["rows"])
+    num_groups = results["data"]["num_groups"]
+    width = 0.8 / num_groups
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.3 * len(methods)), 3.6))
+    for g, color in zip(range(num_groups), _colors(plt)):
+        values = [section["rows"][m]["test_group_acc"][g] for m in methods]
+        xs = [i + (g - (num_groups - 1) / 2) * width for i in range(len(methods))]
+        ax.bar(xs, [0.0 if v is None else v for v in values], width, color=color, label=f"g{g} {names[g]}")
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels([m.replace("framework_", "framework\n") for m in methods], fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"test accuracy per group, seed {section['seed']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=num_groups, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def make_figures(results: Dict, out_dir: Path, train_images: Optional[torch.Tensor] = None,
                  train_group_ids: Optional[torch.Tensor] = None) -> Dict[str, Path]:
     """Write every figure that the results support into ``out_dir``; ``{name: path}``."""
@@ -161,4 +188,5 @@ def make_figures(results: Dict, out_dir: Path, train_images: Optional[torch.Tens
         figures["self_influence"] = plot_self_influence(results, train_group_ids, out_dir / "self_influence.png")
     if train_images is not None:
         figures["top_samples"] = plot_top_samples(results, train_images, out_dir / "top_samples.png")
+    figures["framework"] = plot_framework(results, out_dir / "framework.png")
     return {k: v for k, v in figures.items() if v is not None}

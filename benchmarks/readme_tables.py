@@ -38,6 +38,7 @@ def _json(name):
 #: name -> (loader of the results, renderer of the markdown)
 TABLES = {
     "demo_summary": (_study("demo"), lambda r: T.summary_table(r).to_markdown()),
+    "demo_framework": (_study("demo"), lambda r: T.framework_table(r).to_markdown()),
     "memorization_seeds": (_study("memorization_synth"), lambda r: T.seeds_table(r).to_markdown()),
     "memorization_train": (_study("memorization_synth"), lambda r: T.claim_table(r, "train").to_markdown()),
     "memorization_test": (_study("memorization_synth"), lambda r: T.claim_table(r, "test").to_markdown()),
@@ -59,6 +60,7 @@ TABLES = {
     "masked_step": (_json("masked_step/masked_step.json"), lambda r: masked_step.render(r)),
     "example_tied": (_study("example_tied"), lambda r: example_tied.markdown_tables(r).strip()),
     "silent_majority_synth": (_study("silent_majority_synth"), lambda r: r["table_markdown"].split("\n\n")[0]),
+    "silent_majority_textured": (_study("silent_majority_textured"), lambda r: r["table_markdown"].split("\n\n")[0]),
 }
 
 # A region's body never contains another region's start, so an empty region cannot swallow the next.

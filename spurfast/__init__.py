@@ -7,7 +7,7 @@ Public API (everything else is internal)::
     with stats.record(group_ids):
         F.cross_entropy(model(x), y).backward()
 """
-from spurfast import losses, ops, optim, train
+from spurfast import losses, ops, optim, rare, train
 from spurfast._extension import build_info
 from spurfast.capture import NeuronStats
 from spurfast.masks import Mask, masked, masked_call
@@ -68,6 +68,7 @@ __all__ = [
     "losses",
     "ops",
     "optim",
+    "rare",
     "train",
     "self_influence",
     "top_samples",

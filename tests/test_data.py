@@ -1,4 +1,4 @@
-"""spurfast.data: the embedded benchmark, rare patterns, and the file loaders on tiny fake folders."""
+"""spurfast.data: the embedded benchmark and the file loaders on tiny fake folders."""
 import csv
 import os
 
@@ -7,20 +7,16 @@ import torch
 from PIL import Image
 
 from spurfast.data import (
-    PATTERNS,
     WATERBIRDS_TRAIN_COUNTS,
     CelebA,
     DatasetFileError,
     GroupedCSVDataset,
     GroupedImageFolder,
     ImageNetTrainTransform,
-    PatternedDataset,
     SynthWaterbirds,
     Waterbirds,
-    add_pattern,
     imagenet_eval_transform,
     imagenet_train_transform,
-    spurious_score,
 )
 
 
@@ -94,80 +90,6 @@ def test_synth_rejects_bad_arguments():
         SynthWaterbirds("training")
     with pytest.raises(ValueError, match="group_counts"):
         SynthWaterbirds("train", group_counts=(1, 2, 3))
-
-
-# --------------------------------------------------------------------------------------------
-# Rare patterns
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("pattern,side", [("S1", 1), ("S2", 3), ("S3", 5)])
-def test_square_patterns_set_the_corner(pattern, side):
-    x = torch.full((2, 3, 8, 8), 0.25)
-    out = add_pattern(x, pattern)
-    changed = out != x
-    assert int(changed.sum()) == 2 * 3 * side * side
-    assert torch.all(out[..., -side:, -side:] == 1.0)
-    assert torch.equal(x, torch.full((2, 3, 8, 8), 0.25))  # input untouched
-
-
-def test_noise_patterns_scale_and_clip():
-    x = torch.zeros(3, 8, 8)
-    r1, r2, r3 = (add_pattern(x, p, seed=1) for p in ("R1", "R2", "R3"))
-    assert torch.allclose(r2, 2 * r1) and r1.max() <= 0.25 and r1.min() >= 0
-    assert torch.allclose(r3, 4 * r1)
-    assert torch.equal(add_pattern(x, "R2", seed=1), r2)
-    assert not torch.equal(add_pattern(x, "R2", seed=2), r2)
-    ones = add_pattern(torch.ones(3, 8, 8), "R3", seed=1)
-    assert torch.equal(ones, torch.ones(3, 8, 8))  # clipped at the maximum
-    # Same u for every image of a batch.
-    batch = add_pattern(torch.zeros(4, 3, 8, 8), "R1", seed=1)
-    assert torch.equal(batch[0], batch[3])
-
-
-def test_add_pattern_rejects_bad_input():
-    with pytest.raises(ValueError, match="pattern"):
-        add_pattern(torch.zeros(3, 8, 8), "S4")
-    with pytest.raises(ValueError, match="float"):
-        add_pattern(torch.zeros(3, 8, 8, dtype=torch.uint8), "S1")
-    assert set(PATTERNS) == {"S1", "S2", "S3", "R1", "R2", "R3"}
-
-
-def test_patterned_dataset_poisons_n_images_of_target_class():
-    base = SynthWaterbirds("train", n=200, seed=1)
-    ds = PatternedDataset(base, target_class=1, n=7, pattern="S2", seed=5)
-    assert ds.poisoned_indices.numel() == 7 and int(ds.is_poisoned.sum()) == 7
-    assert torch.all(base.labels[ds.poisoned_indices] == 1)
-    assert torch.all(ds.images[ds.poisoned_indices][..., -3:, -3:] == 1.0)
-    assert torch.equal(ds.images[~ds.is_poisoned], base.images[~ds.is_poisoned])
-    assert torch.equal(ds.labels, base.labels)
-    again = PatternedDataset(base, target_class=1, n=7, pattern="S2", seed=5)
-    assert torch.equal(again.poisoned_indices, ds.poisoned_indices)
-    with pytest.raises(ValueError, match="n must lie"):
-        PatternedDataset(base, target_class=1, n=10_000, pattern="S2")
-
-
-class _CornerDetector(torch.nn.Module):
-    """Logit of class 1 = 10 * (bottom-right pixel of channel 0): reacts to S1/S2/S3."""
-
-    def __init__(self):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
-        corner = x[:, 0, -1, -1]
-        return torch.stack([torch.zeros_like(corner), 10 * corner + self.dummy], dim=1)
-
-
-def test_spurious_score_counts_images_whose_target_probability_rises():
-    images, labels = torch.zeros(10, 3, 8, 8), torch.tensor([0] * 6 + [1] * 4)
-    # Only the 6 class-0 images count; all of them go from p=0.5 to p~1.
-    assert spurious_score(_CornerDetector(), images, labels, target_class=1, pattern="S1") == 1.0
-    # Images whose corner already is 1 do not change.
-    images[:3, 0, -1, -1] = 1.0
-    assert spurious_score(_CornerDetector(), images, labels, target_class=1, pattern="S1") == 0.5
-    # p_0 falls, so class 0 as the target scores 0.
-    assert spurious_score(_CornerDetector(), images, labels, target_class=0, pattern="S1") == 0.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Datasets with groups: an embedded spurious-correlation benchmark, a rare-pattern variant,
-and loaders for Waterbirds, CelebA and a user's own grouped images.
+"""Datasets with groups: an embedded spurious-correlation benchmark and loaders for Waterbirds,
+CelebA and a user's own grouped images.
 
 Every dataset yields ``(image, label, group_id)`` with ``group_id = label * num_attrs + attr``
 (for two attributes: groups 0..3 = (y0, a0), (y0, a1), (y1, a0), (y1, a1)).
@@ -11,16 +11,18 @@ Every dataset yields ``(image, label, group_id)`` with ``group_id = label * num_
 * :class:`TexturedFashion` -- the same design from real images, read from local files only:
   a Fashion-MNIST item (tops vs. footwear) pasted on a photographed texture (grass vs. brick)
   shipped with scikit-image; test items and test background crops are disjoint from training's.
-* :func:`add_pattern`, :class:`PatternedDataset`, :func:`spurious_score` -- the rare spurious
-  pattern setup of Yang et al. (2022): a fixed pattern added to ``n`` images of one class.
+* :class:`FashionMNIST` -- the 10-class Fashion-MNIST from the same Debian package, with
+  class-balanced seeded subsets (the setting of the rare-pattern experiments).
 * :class:`Waterbirds`, :class:`CelebA`, :class:`GroupedCSVDataset`,
   :class:`GroupedImageFolder` -- image files on disk, read through PIL with ImageNet-style
   transforms (:func:`imagenet_eval_transform`, :func:`imagenet_train_transform`).
+
+The rare spurious pattern setup of Yang et al. (2022) lives a layer up, in :mod:`spurfast.rare`.
 """
 from __future__ import annotations
 from spurfast.data._common import SPLITS, SYNTH_GROUP_NAMES, WATERBIRDS_TRAIN_COUNTS, DatasetFileError
 from spurfast.data.folders import CelebA, GroupedCSVDataset, GroupedFileDataset, GroupedImageFolder, Waterbirds
-from spurfast.data.patterns import PATTERNS, PatternedDataset, add_pattern, spurious_score
+from spurfast.data.fashion import FashionMNIST
 from spurfast.data.synth import SynthWaterbirds
 from spurfast.data.textured import TexturedFashion
 from spurfast.data.transforms import (
@@ -33,11 +35,8 @@ from spurfast.data.transforms import (
 __all__ = [
     "SynthWaterbirds",
     "TexturedFashion",
+    "FashionMNIST",
     "WATERBIRDS_TRAIN_COUNTS",
-    "PATTERNS",
-    "add_pattern",
-    "PatternedDataset",
-    "spurious_score",
     "imagenet_eval_transform",
     "imagenet_train_transform",
     "ImageNetEvalTransform",

@@ -3,6 +3,7 @@
     spurfast demo [--quick]                   the whole study on the embedded SynthWaterbirds
     spurfast localize --data D --model M      the same study on your data and model
     spurfast bench [--device cuda]            scoring throughput against Opacus, torch.func, BackPACK
+    spurfast rare [--tiny | --estimate]       rare spurious patterns: score vs n, localization, deletion
     spurfast info                             which backends work here, and why not
     spurfast build [--force]                  compile the C++ extension ahead of time
 
@@ -27,6 +28,7 @@ EXAMPLES = """examples:
       --checkpoint erm.safetensors --image-size 224 --device cuda
   spurfast localize --data csv:/data/mine/images.csv --model small_cnn --image-size 64
   spurfast bench --device cuda --out runs/bench-h200
+  spurfast rare --data synth --models small_cnn --seeds 0
   spurfast info
 """
 
@@ -34,18 +36,23 @@ EXAMPLES = """examples:
 # memorization to find); --quick draws fewer interventions, keeps fewer TracIn checkpoints and
 # fine-tunes fewer framework variants for fewer epochs. "framework": the "ERM vs framework"
 # section (see spurfast.experiments.framework_study), fine-tuned from the demo's ERM model.
+# "rare": the "rare patterns" section, RareStudyConfig fields of a one-seed SynthWaterbirds study
+# (spurfast.experiments.rare) without the deletion stage.
 DEMO_PRESETS: Dict[str, Dict[str, object]] = {
     "default": {
         "n_train": 2000, "n_test": 1200, "width": 16,
         "study": {"epochs": 30, "tracin_every": 5, "hardest": 200, "ks": (1, 2, 3), "modes": ("zero", "random_init"),
                   "sigmas": ("init", 0.01), "repeats": 10, "oracle": True},
         "framework": {"n_val": 600, "epochs": 21, "variants": ("features", "softmax", "logits")},
+        "rare": {"ns": (0, 3, 30), "patterns": ("S3", "R3"), "epochs": 20, "localize_images": 500,
+                 "ks": (1, 2, 4, 8, 16)},
     },
     "quick": {
         "n_train": 2000, "n_test": 1200, "width": 16,
         "study": {"epochs": 30, "tracin_every": 10, "hardest": 200, "ks": (1, 2), "modes": ("zero", "random_init"),
                   "sigmas": ("init",), "repeats": 3, "oracle": True},
         "framework": {"n_val": 600, "epochs": 10, "variants": ("features", "logits")},
+        "rare": {"ns": (0, 30), "patterns": ("S3",), "epochs": 10, "localize_images": 500, "ks": (1, 2, 4, 8)},
     },
 }
 
@@ -162,6 +169,9 @@ def cmd_demo(args) -> int:
     if framework is not None:
         results["framework"] = _framework_section(framework, cfg, width, trained, spec, val, args.seed, device,
                                                   progress=not args.no_progress)
+    if not args.no_rare:
+        results["rare"] = _rare_section(preset["rare"], args.seed, args.data_seed, width, device,
+                                        progress=not args.no_progress)
     what = ("the embedded SynthWaterbirds (the background is spurious, the shape is the label" if args.data == "synth"
             else "TexturedFashion (Fashion-MNIST tops vs footwear on grass vs brick; the texture is spurious")
     intro = (f"ERM on {what}; groups 1 and 2 "
@@ -169,7 +179,9 @@ def cmd_demo(args) -> int:
              "minority groups' fit lives in, what zeroing or re-initialising them does against random neurons, and "
              "which training samples they hold"
              + ("; and, from the same ERM model, the dense/masked training framework of its Part II against a "
-                "control and DFR." if framework is not None else "."))
+                "control and DFR" if framework is not None else "")
+             + ("; then, after Yang et al. (2022), how few SynthWaterbirds training images carrying a small pattern "
+                "teach the network that pattern, and which units carry it." if not args.no_rare else "."))
     return _finish(results, out_dir, args, device, started, f"spurfast demo: memorization on {data_name}", spec.train, intro)
 
 
@@ -201,6 +213,19 @@ def _framework_section(settings, cfg, width: int, trained, spec, val, seed: int,
     return {"config": fcfg.to_dict(), "seed": seed, "val_group_counts": val.group_counts().tolist(),
             "minority_groups": minority_groups(counts), "rows": rows,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _rare_section(settings, seed: int, data_seed: int, width: int, device: str, *, progress: bool):
+    """The demo's "rare patterns" numbers: a small one-seed study of spurfast.experiments.rare on
+    SynthWaterbirds (spurious score against n, the units carrying the pattern zeroed against
+    random ones); the deletion methods are left to ``spurfast rare``."""
+    from spurfast.experiments.rare import RareStudyConfig, run_rare_study
+
+    rcfg = RareStudyConfig("synth", "small_cnn", seeds=(seed,), data_seed=data_seed, width=width, deletion=False,
+                           device=device, **settings)
+    _log(f"rare patterns: {', '.join(rcfg.patterns)} on n = {', '.join(map(str, rcfg.ns))} training images of class "
+         f"{rcfg.target_class}, SmallCNN(width={width}), {rcfg.epochs} epochs each")
+    return run_rare_study(rcfg, progress=progress, log=_log)
 
 
 def _build_model(name: str, spec, width: int):
@@ -299,6 +324,34 @@ def cmd_bench(args) -> int:
         raise CLIError(str(exc)) from None
 
 
+def cmd_rare(args) -> int:
+    from spurfast.data import DatasetFileError
+    from spurfast.experiments.rare_runner import configs_from_args, estimate_studies, format_estimate, run_studies
+    from spurfast.report.rare import rare_markdown, write_rare_run
+    from spurfast.report.runs import new_run_dir
+
+    started = time.perf_counter()
+    device = resolve_device(args.device)
+    _set_threads(args.threads)
+    configs = configs_from_args(args)  # a bad value raises ValueError naming it: one line, exit 2
+    try:
+        if args.estimate:
+            print(format_estimate(estimate_studies(configs)))
+            return 0
+        _log(f"rare: {len(configs)} studies ({', '.join(f'{c.data}/{c.model}' for c in configs)}), patterns "
+             f"{' '.join(configs[0].patterns)}, n in {' '.join(map(str, configs[0].ns))}, seeds "
+             f"{' '.join(map(str, configs[0].seeds))}, on {device}")
+        results = run_studies(configs, progress=args.progress, log=_log)
+    except (DatasetFileError, ImportError) as exc:  # Fashion-MNIST's Debian package is missing
+        raise CLIError(f"--data {' '.join(args.data)}: {str(exc).splitlines()[0]}") from None
+    out_dir = new_run_dir("rare", args.out)
+    paths = write_rare_run(results, out_dir, meta=_meta(args, device, started))
+    print(rare_markdown(results))
+    print("\n" + "\n".join(f"{name + ':':10s}{path}" for name, path in paths.items())
+          + f"  ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
 def cmd_info(args) -> int:
     from spurfast._extension import build_info, format_build_info
 
@@ -358,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     demo.add_argument("--no-framework", action="store_true",
                       help="skip the ERM vs framework section (the dense/masked fine-tuning, its control and DFR)")
+    demo.add_argument("--no-rare", action="store_true",
+                      help="skip the rare patterns section (a pattern on a few training images, Yang et al. 2022)")
     demo.add_argument("--data", choices=("synth", "textured_fashion"), default="synth",
                       help="synth (default: SynthWaterbirds, generated) or textured_fashion (Fashion-MNIST items on "
                            "real textures at 64x64; needs `apt-get install dataset-fashion-mnist` and "
@@ -409,6 +464,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     spurfast.bench.add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    rare = sub.add_parser(
+        "rare", help="rare spurious patterns (Yang et al. 2022): spurious score vs n, localization, deletion",
+        description="Add a pattern (S1/S3 corner squares, R3 noise) to n training images of one class, train, and "
+                    "measure the spurious score (how often the pattern alone raises that class's probability by "
+                    "more than 0.1 on other classes' test images); then localize the units carrying the pattern "
+                    "and zero them against random units, and delete the poisoned images by incremental retraining, "
+                    "retraining from scratch and group influence. Writes results.json, runs.csv, results.md and "
+                    "score_vs_n.png. Fashion-MNIST needs `apt-get install dataset-fashion-mnist`.",
+        epilog="examples:\n  spurfast rare --tiny                              # seconds: the plumbing\n"
+               "  spurfast rare --estimate --threads 1             # time every stage, extrapolate\n"
+               "  spurfast rare --data synth --models small_cnn --seeds 0 --ns 0 3 30\n"
+               "  spurfast rare --threads 2 --out runs/rare         # the README experiment (~45 min)\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from spurfast.experiments.rare_runner import add_rare_arguments
+
+    add_rare_arguments(rare, threads_help="torch CPU threads (default: torch's choice)")
+    rare.set_defaults(func=cmd_rare)
 
     info = sub.add_parser("info", help="which backends work here (build_info), and why not")
     info.set_defaults(func=cmd_info)

@@ -19,4 +19,6 @@ TINY_DEMO_PRESET = {
     "study": {"epochs": 2, "tracin_every": 1, "hardest": 20, "ks": (1, 2), "modes": ("zero", "random_init"),
               "sigmas": ("init",), "repeats": 2, "oracle": True},
     "framework": {"n_val": 40, "epochs": 1, "variants": ("features",)},
+    "rare": {"ns": (0, 3), "patterns": ("S3",), "epochs": 1, "n_train": 240, "n_test": 80, "localize_images": 40,
+             "ks": (1, 2), "random_repeats": 1},
 }

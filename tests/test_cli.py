@@ -61,8 +61,12 @@ def test_demo_writes_results_figures_and_report(tmp_path, tiny_demo, capsys):
     assert framework["rows"]["erm"]["test_group_acc"] == run["before_group_acc"]["test"]  # the study's ERM model
     assert framework["val_group_counts"] == [10, 10, 10, 10] and framework["minority_groups"] == [1, 2]
     assert framework["rows"]["framework_features"]["mask_fraction"] > 0
+    rare = results["rare"]
+    assert {(r["pattern"], r["n"], r["kind"]) for r in rare["runs"]} == {("S3", 0, "control"), ("S3", 3, "poisoned")}
+    assert [(rec["pattern"], rec["n"]) for rec in rare["localization"]] == [("S3", 3)] and not rare["deletion"]
+    assert "rare" in results["figures"]
     page = (out / "report.html").read_text()
-    assert "ERM vs framework" in page
+    assert "ERM vs framework" in page and "Rare patterns: spurious score against n" in page
     assert page.count("<table>") >= 5 and page.count("data:image/png;base64,") == len(results["figures"])
     assert "http://" not in page and "https://" not in page and "<script" not in page  # opens from disk, offline
     assert results["meta"]["command"] == "spurfast demo --quick --out " + str(out) + " --no-progress"
@@ -78,7 +82,9 @@ def test_demo_is_deterministic(tmp_path, tiny_demo):
             run.pop("seconds"), run.pop("train_seconds")
             for h in run["history"]:
                 h.pop("seconds")
-        r["framework"].pop("seconds")
+        r["framework"].pop("seconds"), r["rare"].pop("seconds")
+        for row in r["rare"]["runs"] + r["rare"]["localization"] + r["rare"]["summary"]:
+            row.pop("seconds")
         for row in r["framework"]["rows"].values():
             row.pop("seconds"), row.pop("epoch_seconds", None)
     assert a["framework"]["rows"]["framework_features"]["test_group_acc"]
@@ -88,11 +94,12 @@ def test_demo_is_deterministic(tmp_path, tiny_demo):
 def test_demo_default_out_is_a_new_run_folder(tmp_path, tiny_demo, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for _ in range(2):
-        assert cli.main(["demo", "--quick", "--no-progress", "--no-oracle", "--no-self-influence", "--no-framework"]) == 0
+        assert cli.main(["demo", "--quick", "--no-progress", "--no-oracle", "--no-self-influence", "--no-framework",
+                         "--no-rare"]) == 0
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2 and all(r.name.startswith("demo-") and (r / "report.html").exists() for r in runs)
     results = json.loads((runs[0] / "results.json").read_text())
-    assert "framework" not in results and "framework" not in results["figures"]
+    assert "framework" not in results and "rare" not in results and {"framework", "rare"}.isdisjoint(results["figures"])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -97,11 +97,12 @@ def test_report_renders_with_tables_and_non_empty_images(browser_or_skip, report
     assert title.startswith("spurfast")
     assert any(h.startswith("Summary") for h in headings) and "Figures" in headings, headings
     assert any(h.startswith("ERM vs framework") for h in headings), headings
+    assert any(h.startswith("Rare patterns") for h in headings), headings
     assert len(tables) >= 5, tables
     for columns, rows, width in tables:
         assert columns >= 3 and rows >= 1 and width > 100, tables
     assert {i["alt"] for i in images} >= {"training", "trace_train", "trace_test", "oracle", "self_influence", "top_samples",
-                                          "framework"}
+                                          "framework", "rare"}
     for image in images:
         assert image["complete"] and image["w"] > 100 and image["h"] > 100 and image["shown"] > 100, image
         assert image["colors"] > 5, f"image {image['alt']} looks blank: {image}"

@@ -33,6 +33,8 @@ FIGURE_CAPTIONS = {
     "top_samples": "The training images that load each minority group's first localized unit most.",
     "framework": "ERM vs framework: test accuracy per group of the ERM model, the control, the dense/masked "
                  "framework fine-tuned from it and DFR.",
+    "rare": "Rare patterns: the spurious score against the number of poisoned training images, per pattern "
+            "(n = 0: the model trained on clean data).",
 }
 
 

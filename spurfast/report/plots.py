@@ -189,4 +189,8 @@ def make_figures(results: Dict, out_dir: Path, train_images: Optional[torch.Tens
     if train_images is not None:
         figures["top_samples"] = plot_top_samples(results, train_images, out_dir / "top_samples.png")
     figures["framework"] = plot_framework(results, out_dir / "framework.png")
+    if results.get("rare"):
+        from spurfast.report.rare import plot_score_vs_n  # it draws with this module's helpers
+
+        figures["rare"] = plot_score_vs_n(results["rare"], out_dir / "rare_score_vs_n.png")
     return {k: v for k, v in figures.items() if v is not None}

@@ -192,6 +192,44 @@ def framework_table(results: Dict) -> Optional[Table]:
     )
 
 
+def rare_tables(results: Dict) -> List[Table]:
+    """The "rare patterns" section (one seed of :mod:`spurfast.experiments.rare`): the spurious
+    score against the number of poisoned images per pattern, and the score with the units that
+    carry the pattern zeroed against random units of the same layers."""
+    rare = results.get("rare")
+    if not rare:
+        return []
+    cfg = rare["config"]
+    ns = sorted({r["n"] for r in rare["runs"]})
+    by_case = {(r["pattern"], r["n"]): r for r in rare["runs"]}
+    rows = []
+    for pattern in cfg["patterns"]:
+        runs = [by_case[(pattern, n)] for n in ns if (pattern, n) in by_case]
+        rows.append([pattern, _num(runs[0]["pattern_l2"], 2)]
+                    + [_num(by_case[(pattern, n)]["spurious_score"], 3) if (pattern, n) in by_case else "-" for n in ns]
+                    + [_num(100 * by_case[(pattern, max(ns))]["test_acc"])])
+    score = Table(["pattern", "l2 norm"] + ["n = 0 (clean control)" if n == 0 else f"n = {n}" for n in ns]
+                  + [f"test acc at n = {max(ns)} (%)"], rows,
+                  f"Rare patterns: spurious score against n poisoned images of class {cfg['target_class']} "
+                  f"(SynthWaterbirds, {rare['data']['n_train']} training images, {cfg['epochs']} epochs, "
+                  f"seed {cfg['seeds'][0]})")
+    tables = [score]
+    rows = []
+    for rec in rare.get("localization", []):
+        rows.append([rec["pattern"], str(rec["n"]), "0", _num(rec["before"]["spurious_score"], 3), "-",
+                     _num(100 * rec["before"]["clean_acc"]), "-"])
+        for r in rec["rows"]:
+            rows.append([rec["pattern"], str(rec["n"]), str(r["k"]), _num(r["spurious_score"], 3),
+                         _num(r["random_spurious_score"], 3), _num(100 * r["clean_acc"]),
+                         _num(100 * r["random_clean_acc"])])
+    if rows:
+        tables.append(Table(["pattern", "n", "k units zeroed", "spurious score, top k", "random k",
+                             "test acc, top k (%)", "random k (%)"], rows,
+                            "Rare patterns: where the pattern sits (top-k units by the first-order removal effect on "
+                            "the target probability of patterned vs clean images, zeroed)"))
+    return tables
+
+
 def _mean(values: List[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -200,4 +238,5 @@ def all_tables(results: Dict) -> List[Table]:
     tables = [summary_table(results), seeds_table(results), claim_table(results, "train"), claim_table(results, "test")]
     tables += [t for t in (oracle_table(results), self_influence_table(results), framework_table(results))
                if t is not None]
+    tables += rare_tables(results)
     return tables

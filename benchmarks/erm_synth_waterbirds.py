@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spurfast.data import SynthWaterbirds  # noqa: E402
 from spurfast.models import SmallCNN  # noqa: E402
-from spurfast.report.runs import new_run_dir  # noqa: E402
+from spurfast.report.runs import new_run_dir, run_environment  # noqa: E402
 from spurfast.train import erm  # noqa: E402
 
 
@@ -143,10 +141,7 @@ def main(argv=None):
     result = {
         "benchmark": "erm_synth_waterbirds",
         "command": "python benchmarks/erm_synth_waterbirds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "environment": {
-            "torch": torch.__version__, "python": platform.python_version(), "device": args.device,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        },
+        "environment": run_environment(args.device),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
         "data": {
             "train_group_counts": train.group_counts().tolist(), "test_group_counts": test.group_counts().tolist(),

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spurfast.data import DatasetFileError, TexturedFashion  # noqa: E402
 from spurfast.experiments.erm_study import ERM_MODELS, ERMRecipe, markdown_table, run_erm_study  # noqa: E402
-from spurfast.report.runs import new_run_dir  # noqa: E402
+from spurfast.report.runs import new_run_dir, run_environment  # noqa: E402
 from spurfast.report.study import json_safe  # noqa: E402
 
 BENCHMARK = "erm_textured_fashion"
@@ -114,10 +112,7 @@ def main(argv=None):
     result = {
         "benchmark": BENCHMARK,
         "command": f"python benchmarks/{BENCHMARK}.py " + " ".join(argv),
-        "environment": {
-            "torch": torch.__version__, "python": platform.python_version(), "device": args.device,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        },
+        "environment": run_environment(args.device),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"},
         "data": {
             "dataset": "TexturedFashion", "seed": args.data_seed, "image_size": args.image_size,

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from spurfast.data.specs import load_data_spec  # noqa: E402
 from spurfast.experiments.example_tied import SCORES, ExampleTiedConfig, markdown_tables, run_example_tied  # noqa: E402
 from spurfast.experiments.arguments import add_synth_training_arguments  # noqa: E402
 from spurfast.models import SmallCNN  # noqa: E402
-from spurfast.report.runs import new_run_dir  # noqa: E402
+from spurfast.report.runs import new_run_dir, run_environment  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -78,8 +76,7 @@ def main(argv=None):
         "command": "python benchmarks/example_tied.py " + " ".join(argv),
         "data": {"kind": "synth", "n_train": args.n_train, "n_test": args.n_test, "seed": args.data_seed},
         "model": {"name": "small_cnn", "width": args.width, "memory_format": "channels_last"},
-        "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
-        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        **run_environment("cpu"),
         "wall seconds": round(time.perf_counter() - started, 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))

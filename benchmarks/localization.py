@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,7 @@ from spurfast.experiments.erm_study import ERMRecipe, build_model  # noqa: E402
 from spurfast.experiments.localization import SCORES, LocalizationConfig, run_localization  # noqa: E402
 from spurfast.experiments.memorization import StudyConfig  # noqa: E402
 from spurfast.models import SmallCNN  # noqa: E402
-from spurfast.report.runs import new_run_dir  # noqa: E402
+from spurfast.report.runs import new_run_dir, run_environment  # noqa: E402
 from spurfast.report.study import json_safe  # noqa: E402
 from spurfast.report.localization import localization_tables  # noqa: E402
 
@@ -105,8 +103,7 @@ def main(argv=None):
     results["meta"] = {
         "command": "python benchmarks/localization.py " + " ".join(argv),
         "data": args.data, "model": "SmallCNN" if args.data == "synth" else "efficientnet_lite0 (ImageNet-pretrained)",
-        "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
-        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        **run_environment("cpu"),
         "wall seconds": round(time.perf_counter() - started, 1),
     }
     (out / f"{name}.json").write_text(json.dumps(json_safe(results), indent=1, allow_nan=False) + "\n")

@@ -14,8 +14,6 @@ self-influence. Writes ``results.json`` (every number), ``tables.md``, PNG figur
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from spurfast.data.specs import load_data_spec  # noqa: E402
 from spurfast.experiments.arguments import add_synth_study_arguments  # noqa: E402
 from spurfast.experiments.memorization import STUDY_SCORES, StudyConfig, run_study  # noqa: E402
 from spurfast.models import MLP, SmallCNN  # noqa: E402
-from spurfast.report.runs import new_run_dir  # noqa: E402
+from spurfast.report.runs import new_run_dir, run_environment  # noqa: E402
 from spurfast.report.study import write_study  # noqa: E402
 from spurfast.report.tables import all_tables  # noqa: E402
 
@@ -75,8 +73,7 @@ def main(argv=None):
                         group_names=spec.group_names, log=lambda s: print(s, flush=True))
     meta = {
         "command": "python benchmarks/memorization_synth.py " + " ".join(argv),
-        "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
-        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        **run_environment("cpu"),
         "wall seconds": round(time.perf_counter() - started, 1),
     }
     write_study(results, out, title="memorization on SynthWaterbirds, over seeds", train=spec.train, meta=meta)

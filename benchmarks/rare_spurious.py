@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from spurfast.experiments.rare_runner import (  # noqa: E402
     add_rare_arguments, configs_from_args, estimate_studies, format_estimate, run_studies,
 )
 from spurfast.report.rare import rare_markdown, write_rare_run  # noqa: E402
-from spurfast.report.runs import new_run_dir  # noqa: E402
+from spurfast.report.runs import new_run_dir, run_environment  # noqa: E402
 
 BENCHMARK = "rare_spurious"
 
@@ -76,8 +75,7 @@ def main(argv=None):
         raise SystemExit(f"{BENCHMARK}: data not available: {exc}") from exc
     meta = {
         "benchmark": BENCHMARK, "command": f"python benchmarks/{BENCHMARK}.py " + " ".join(argv),
-        "torch": torch.__version__, "python": platform.python_version(), "device": args.device,
-        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        **run_environment(args.device),
         "total_seconds": round(time.perf_counter() - t0, 1),
     }
     out = new_run_dir("rare", args.out)

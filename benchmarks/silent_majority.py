@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,7 @@ from spurfast.experiments.framework_study import (  # noqa: E402
     FrameworkStudyConfig, estimate_seconds, markdown_table, method_names, run_framework_study,
 )
 from spurfast.losses import CONTRAST_ON  # noqa: E402
-from spurfast.report.runs import new_run_dir  # noqa: E402
+from spurfast.report.runs import new_run_dir, run_environment  # noqa: E402
 from spurfast.report.study import json_safe  # noqa: E402
 
 BENCHMARK = "silent_majority"
@@ -154,10 +152,7 @@ def main(argv=None):
     result = {
         "benchmark": BENCHMARK,
         "command": f"python benchmarks/{BENCHMARK}.py " + " ".join(argv),
-        "environment": {
-            "torch": torch.__version__, "python": platform.python_version(), "device": args.device,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        },
+        "environment": run_environment(args.device),
         "config": cfg.to_dict(),
         "data": {
             "dataset": args.data, "seed": args.data_seed, "group_names": list(group_names),

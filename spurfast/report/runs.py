@@ -2,11 +2,27 @@
 from __future__ import annotations
 
 import os
+import platform
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 RUNS_ROOT = "runs"
+
+
+def run_environment(device: str) -> Dict[str, object]:
+    """What a results file records about where it ran: torch, Python, the device, torch's CPU
+    threads, the machine's cores and its platform string.
+
+    Example::
+
+        >>> sorted(run_environment("cpu"))
+        ['cpu_count', 'device', 'platform', 'python', 'threads', 'torch']
+    """
+    import torch
+
+    return {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
 
 
 def new_run_dir(name: str, out: Optional[Union[str, os.PathLike]] = None, root: Union[str, os.PathLike] = RUNS_ROOT) -> Path:

@@ -22,6 +22,7 @@ from spurfast.bench import cpu_backends  # noqa: E402
 from spurfast.bench import masked_step  # noqa: E402
 from spurfast.experiments import example_tied  # noqa: E402
 from spurfast.report import localization as L  # noqa: E402
+from spurfast.report import rare as rare_report  # noqa: E402
 from spurfast.report import tables as T  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -39,6 +40,8 @@ def _json(name):
 TABLES = {
     "demo_summary": (_study("demo"), lambda r: T.summary_table(r).to_markdown()),
     "demo_framework": (_study("demo"), lambda r: T.framework_table(r).to_markdown()),
+    "demo_rare_score": (_study("demo"), lambda r: T.rare_tables(r)[0].to_markdown()),
+    "demo_rare_localization": (_study("demo"), lambda r: T.rare_tables(r)[1].to_markdown()),
     "memorization_seeds": (_study("memorization_synth"), lambda r: T.seeds_table(r).to_markdown()),
     "memorization_train": (_study("memorization_synth"), lambda r: T.claim_table(r, "train").to_markdown()),
     "memorization_test": (_study("memorization_synth"), lambda r: T.claim_table(r, "test").to_markdown()),
@@ -60,6 +63,7 @@ TABLES = {
     "masked_step": (_json("masked_step/masked_step.json"), lambda r: masked_step.render(r)),
     "example_tied": (_study("example_tied"), lambda r: example_tied.markdown_tables(r).strip()),
     "silent_majority_synth": (_study("silent_majority_synth"), lambda r: r["table_markdown"].split("\n\n")[0]),
+    "rare_spurious": (_study("rare_spurious"), lambda r: rare_report.rare_markdown(r)),
     "silent_majority_textured": (_study("silent_majority_textured"), lambda r: r["table_markdown"].split("\n\n")[0]),
 }
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from spurfast.bench import cpu_backends  # noqa: E402
 from spurfast.bench import masked_step  # noqa: E402
+from spurfast.bench import profile as scoring_profile  # noqa: E402
 from spurfast.experiments import example_tied  # noqa: E402
 from spurfast.report import localization as L  # noqa: E402
 from spurfast.report import rare as rare_report  # noqa: E402
@@ -61,6 +62,7 @@ TABLES = {
     "cpu_backends": (_json("cpu_backends.json"), lambda r: cpu_backends.render(r)),
     "cpu_backends_layers": (_json("cpu_backends.json"), lambda r: cpu_backends.render_layers(r)),
     "masked_step": (_json("masked_step/masked_step.json"), lambda r: masked_step.render(r)),
+    "scoring_profile": (_json("scoring_profile/scoring_profile.json"), lambda r: scoring_profile.render(r)),
     "example_tied": (_study("example_tied"), lambda r: example_tied.markdown_tables(r).strip()),
     "silent_majority_synth": (_study("silent_majority_synth"), lambda r: r["table_markdown"].split("\n\n")[0]),
     "rare_spurious": (_study("rare_spurious"), lambda r: rare_report.rare_markdown(r)),

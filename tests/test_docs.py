@@ -23,6 +23,7 @@ DOCTEST_MODULES = [
     "spurfast.ops.masked_step",
     "spurfast.optim",
     "spurfast.bench.masked_step",
+    "spurfast.bench.profile",
     "spurfast.attribution.scores",
     "spurfast.attribution.objectives",
     "spurfast.attribution.ablation",

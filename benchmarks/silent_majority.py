@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spurfast.data import DatasetFileError, SynthWaterbirds  # noqa: E402
-from spurfast.data.specs import load_data_spec  # noqa: E402
+from spurfast.data import DatasetFileError  # noqa: E402
+from spurfast.data.specs import load_data_spec, load_val_split  # noqa: E402
 from spurfast.experiments.erm_study import ERMRecipe  # noqa: E402
 from spurfast.experiments.framework_study import (  # noqa: E402
     FrameworkStudyConfig, estimate_seconds, markdown_table, method_names, run_framework_study,
@@ -104,15 +104,9 @@ def parse_args(argv=None):
 
 def load_sets(args):
     """``(train, val, test, group_names)``; val is the balanced validation split of the same generator."""
-    if args.data == "synth":
-        spec = load_data_spec("synth", n_train=args.n_train, n_test=args.n_test, seed=args.data_seed)
-        val = SynthWaterbirds("val", seed=args.data_seed, n=args.n_val)
-    else:
-        from spurfast.data import TexturedFashion
-
-        spec = load_data_spec("textured_fashion", n_train=args.n_train, n_test=args.n_test, seed=args.data_seed,
-                              image_size=args.image_size)
-        val = TexturedFashion("val", seed=args.data_seed, n=args.n_val, image_size=args.image_size)
+    size = args.image_size if args.data == "textured_fashion" else None
+    spec = load_data_spec(args.data, n_train=args.n_train, n_test=args.n_test, seed=args.data_seed, image_size=size)
+    val = load_val_split(args.data, args.n_val, seed=args.data_seed, image_size=size)
     return spec.train, val, spec.test, spec.group_names
 
 

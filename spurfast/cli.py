@@ -132,7 +132,7 @@ def _finish(results, out_dir, args, device, started, title, train, intro) -> int
 def cmd_demo(args) -> int:
     import torch
 
-    from spurfast.data.specs import load_data_spec
+    from spurfast.data.specs import load_data_spec, load_val_split
     from spurfast.experiments.memorization import run_study
     from spurfast.models import SmallCNN
     from spurfast.report.runs import new_run_dir
@@ -154,7 +154,7 @@ def cmd_demo(args) -> int:
         return SmallCNN(num_classes=2, width=width).to(memory_format=torch.channels_last)
 
     framework = None if args.no_framework else preset["framework"]
-    val = None if framework is None else _demo_val_split(args.data, framework["n_val"], args.data_seed)
+    val = None if framework is None else load_val_split(args.data, framework["n_val"], seed=args.data_seed)
     out_dir = new_run_dir("demo", args.out)
     _log(f"{'quick ' if args.quick else ''}demo: {data_name} ({len(spec.train)} train, groups "
          f"{spec.train.group_counts().tolist()}; {len(spec.test)} test), SmallCNN(width={width}), "
@@ -184,15 +184,6 @@ def cmd_demo(args) -> int:
              + ("; then, after Yang et al. (2022), how few SynthWaterbirds training images carrying a small pattern "
                 "teach the network that pattern, and which units carry it." if not args.no_rare else "."))
     return _finish(results, out_dir, args, device, started, f"spurfast demo: memorization on {data_name}", spec.train, intro)
-
-
-def _demo_val_split(data: str, n_val: int, data_seed: int):
-    """The balanced validation split of the demo's generator (DFR's held-out data)."""
-    from spurfast.data import SynthWaterbirds, TexturedFashion
-
-    if data == "synth":
-        return SynthWaterbirds("val", seed=data_seed, n=n_val)
-    return TexturedFashion("val", seed=data_seed, n=n_val)
 
 
 def _framework_section(settings, cfg, width: int, trained, spec, val, seed: int, device: str, *, progress: bool):

@@ -99,6 +99,27 @@ def _materialize(dataset, max_samples: Optional[int], seed: int) -> TensorGroupD
     return TensorGroupDataset(images, labels, groups, dataset.num_groups, dataset.group_names, dataset.num_classes)
 
 
+def load_val_split(spec: str, n: int, *, seed: int = 0, image_size: Optional[int] = None):
+    """The balanced validation split of a generated kind (``synth``, ``textured_fashion``), from
+    the same generator and ``seed`` as :func:`load_data_spec`'s train and test sets (DFR's
+    held-out data).
+
+    Example::
+
+        >>> val = load_val_split("synth", 40)
+        >>> len(val), val.group_counts().tolist()
+        (40, [10, 10, 10, 10])
+    """
+    kind, _ = parse_spec(spec)
+    if kind == "synth":
+        return SynthWaterbirds("val", seed=seed, n=n)
+    if kind == "textured_fashion":
+        from spurfast.data.textured import TexturedFashion
+
+        return TexturedFashion("val", seed=seed, n=n, image_size=64 if image_size is None else image_size)
+    raise ValueError(f"data: {kind!r} has no generated validation split (one of {GENERATED_KINDS})")
+
+
 def load_data_spec(spec: str, *, image_size: Optional[int] = None, max_samples: Optional[int] = None, seed: int = 0,
                    n_train: Optional[int] = None, n_test: Optional[int] = None) -> DataSpec:
     """Train and test sets of a spec (``synth``: :class:`SynthWaterbirds` with ``n_train``/``n_test``;

@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from spurfast.attribution.scores import predict_logits, scoring_state
 from spurfast.data._common import resolve_group_counts
 from spurfast.experiments.rare_deletion import delete_poisoned, deletion_table, influence_deletion, summarize_deletion
 from spurfast.models import MLP, SmallCNN
@@ -300,15 +301,11 @@ class _Study:
 
     @torch.no_grad()
     def _acc(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-        was = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            right = sum(int((model(images[s:s + 512].to(self.cfg.device)).argmax(1).cpu() == labels[s:s + 512]).sum())
-                        for s in range(0, images.shape[0], 512))
-        finally:
-            for m, training in was:
-                m.training = training
-        return right / max(images.shape[0], 1)
+        if images.shape[0] == 0:
+            return 0.0
+        with scoring_state(model):
+            logits = predict_logits(model, images)  # [N, K] on CPU
+        return int((logits.argmax(1) == labels).sum()) / images.shape[0]
 
     def measure(self, model: nn.Module, pattern: str, seed: int, poisoned=None) -> Dict[str, Any]:
         cfg = self.cfg

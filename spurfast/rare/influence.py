@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from spurfast.attribution.scores import scoring_state
 from spurfast.capture import NeuronStats
 
 __all__ = ["HVP_METHODS", "hvp", "lissa", "group_influence"]
@@ -192,21 +193,6 @@ def _resolve_params(model: nn.Module, params) -> List[Tuple[str, torch.nn.Parame
     return chosen
 
 
-@contextlib.contextmanager
-def _eval_state(model: nn.Module):
-    """Eval mode for every module and ``.grad`` left as found."""
-    modes = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.grad) for p in model.parameters()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for p, g in grads:
-            p.grad = g
-        for m, training in modes:
-            m.training = training
-
-
 def hvp(
     model: nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -292,7 +278,7 @@ def hvp(
             )
         vs = [vi.detach().to(device=p.device, dtype=p.dtype) for vi, p in zip(vs, tensors)]
         total = [torch.zeros_like(p) for p in tensors]
-        with _eval_state(model):
+        with scoring_state(model):
             if batch_size is None:
                 for start in range(0, n, chunk_size):
                     stop = min(start + chunk_size, n)
@@ -340,7 +326,7 @@ def _group_grad_sums(model, x, y, mask, loss_fn, batch_size, backend, device, la
     stats = NeuronStats(model, 2, loss_reduction="mean", backend=backend, layers=layers,
                         track_activations=False, track_ablation=False)
     try:
-        with _eval_state(model):
+        with scoring_state(model):
             for start in range(0, x.shape[0], batch_size):
                 s = slice(start, min(start + batch_size, x.shape[0]))
                 group_ids = mask[s].long().to(device)  # [B] int64: 1 = removed
@@ -431,7 +417,7 @@ def group_influence(
     target = model if inplace else copy.deepcopy(model)
     if device is None:
         device = next(target.parameters()).device
-    with _eval_state(target):
+    with scoring_state(target):
         names, sums = _group_grad_sums(target, x, y, mask, loss_fn, batch_size, backend, device, layer_names)
         modules = dict(target.named_modules())
         weights = [modules[name].weight for name in names]

@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from spurfast.attribution.scores import scoring_state
 from spurfast.data._common import InMemoryGroupDataset
 
 __all__ = [
@@ -347,10 +348,8 @@ def spurious_score_per_image(
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-    modes = [(m, m.training) for m in model.modules()]
     hits = []
-    try:
-        model.eval()
+    with scoring_state(model):
         for start in range(0, others.shape[0], batch_size):
             clean = others[start:start + batch_size].to(device)
             patched = pattern.apply(clean, min_value=min_value, max_value=max_value)
@@ -364,9 +363,6 @@ def spurious_score_per_image(
             p_clean = torch.softmax(logits_clean.double(), dim=1)[:, target_class]  # [B]
             p_patched = torch.softmax(model(patched).double(), dim=1)[:, target_class]  # [B]
             hits.append((p_patched - p_clean > threshold).cpu())
-    finally:
-        for m, training in modes:
-            m.training = training
     return torch.cat(hits)
 
 

@@ -110,6 +110,89 @@ std::pair<at::Tensor, std::vector<int64_t>> sort_by_group(const at::Tensor& grou
   return {order, offsets};
 }
 
+
+// Stride-1, ungrouped convolutions without an im2col patch matrix. x is copied once into a
+// zero-padded [n, Cin, Hp + 1, Wp] buffer (the extra zero row keeps every shifted read in
+// bounds) and grad_out into [n, Cout, Ho * Wp], zero beyond column Wo of each row. Over these
+// Ho * Wp "wide" positions, kernel tap (i, j) reads the padded input at the fixed offset
+// i * dh * Wp + j * dw: a strided [Cin, Ho * Wp] matrix per sample, and one batched GEMM per
+// tap covers all samples. Wide columns past Wo meet zeros in grad_out and add nothing.
+struct WideConv {
+  at::Tensor xpad;   // [n, Cin, Hp + 1, Wp]
+  at::Tensor gwide;  // [n, Cout, Ho * Wp]
+  int64_t n, Cin, Cout, Wp, wide, plane;
+  std::vector<int64_t> offsets;  // per tap, into one sample's padded planes
+
+  WideConv(const at::Tensor& x, const at::Tensor& g, int64_t kh, int64_t kw, at::IntArrayRef padding,
+           at::IntArrayRef dilation)
+      : n(x.size(0)), Cin(x.size(1)), Cout(g.size(1)) {
+    const int64_t Ho = g.size(2), Wo = g.size(3);
+    const int64_t Hp = x.size(2) + 2 * padding[0];
+    Wp = x.size(3) + 2 * padding[1];
+    wide = Ho * Wp;
+    plane = (Hp + 1) * Wp;
+    xpad = at::zeros({n, Cin, Hp + 1, Wp}, x.options());
+    xpad.narrow(2, padding[0], x.size(2)).narrow(3, padding[1], x.size(3)).copy_(x);
+    gwide = at::zeros({n, Cout, Ho, Wp}, g.options());
+    gwide.narrow(3, 0, Wo).copy_(g);
+    gwide = gwide.view({n, Cout, wide});
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t j = 0; j < kw; ++j) offsets.push_back(i * dilation[0] * Wp + j * dilation[1]);
+  }
+
+  // Tap t's input rows of every sample as [n, wide, Cin]: unit stride along positions, so a
+  // transposed BLAS operand; no copy.
+  at::Tensor tap_rows(size_t t) const {
+    return xpad.as_strided({n, wide, Cin}, {Cin * plane, 1, plane}, xpad.storage_offset() + offsets[t]);
+  }
+};
+
+// products: [taps, n, Cout, Cin], tap t holding every sample's gradient for that tap.
+at::Tensor implicit_conv_products(const WideConv& wc) {
+  auto products = at::empty({int64_t(wc.offsets.size()), wc.n, wc.Cout, wc.Cin}, wc.xpad.options());
+  for (size_t t = 0; t < wc.offsets.size(); ++t) {
+    auto dst = products[t];
+    at::bmm_out(dst, wc.gwide, wc.tap_rows(t));
+  }
+  return products;
+}
+
+// Gram matrices [n, wide, wide] of the implicit patches: sum over taps of rows x rows^T.
+at::Tensor implicit_conv_gram(const WideConv& wc) {
+  auto gram = at::empty({wc.n, wc.wide, wc.wide}, wc.xpad.options());
+  for (size_t t = 0; t < wc.offsets.size(); ++t) {
+    const auto rows = wc.tap_rows(t);
+    if (t == 0) {
+      at::bmm_out(gram, rows, rows.transpose(1, 2));
+    } else {
+      gram.baddbmm_(rows, rows.transpose(1, 2));
+    }
+  }
+  return gram;
+}
+
+// products: [taps, n, C, D] (implicit_conv_products); grad_sq: [n, C]; group_grad: [G, taps, C, D].
+template <typename scalar_t>
+void reduce_tap_products(const scalar_t* products, int64_t taps, int64_t n, int64_t C, int64_t D,
+                         const int64_t* group_ids, scalar_t* grad_sq, scalar_t* group_grad) {
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t s = 0; s < n; ++s) {
+      scalar_t sq = 0;
+      for (int64_t t = 0; t < taps; ++t) {
+        const scalar_t* row = products + ((t * n + s) * C + c) * D;
+        scalar_t* dst = group_grad + ((group_ids[s] * taps + t) * C + c) * D;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t k = 0; k < D; ++k) {
+          const scalar_t v = row[k];
+          sq += v * v;
+          dst[k] += v;
+        }
+      }
+      grad_sq[s * C + c] = sq;
+    }
+  }
+}
 }  // namespace
 
 // x: [B, T, D], grad_out: [B, T, C], group_ids: [B] int64.
@@ -168,6 +251,11 @@ std::vector<at::Tensor> linear_grad_stats_cpu(const at::Tensor& x_in, const at::
     }
   }
   // Group sums: one GEMM per non-empty group, on the samples of that group.
+  if (num_groups == 1) {  // the weight gradient itself: no reordering needed
+    auto dst = group_grad[0];
+    at::mm_out(dst, g.reshape({B * T, C}).t(), x.reshape({B * T, D}));
+    return {grad_sq, group_grad};
+  }
   auto [order, offsets] = sort_by_group(group_ids, num_groups);
   const auto xs = x.index_select(0, order).reshape({B * T, D});
   const auto gs = g.index_select(0, order).reshape({B * T, C});
@@ -226,6 +314,29 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
     return g.narrow(0, s0, n).reshape({n * groups, Cg, L});
   };
 
+  const bool implicit = groups == 1 && stride[0] == 1 && stride[1] == 1 &&
+                        grad_out_in.size(2) == x_in.size(2) + 2 * padding[0] - dilation[0] * (kh - 1) &&
+                        grad_out_in.size(3) == x_in.size(3) + 2 * padding[1] - dilation[1] * (kw - 1);
+  if (implicit && method == "direct") {
+    const int64_t taps = kh * kw;
+    auto tap_sums = at::zeros({num_groups, taps, Cout, Cin}, x.options());  // group sums, tap-major
+    const int64_t step = chunk_samples(taps * Cout * Cin);
+    for (int64_t s0 = 0; s0 < B; s0 += step) {
+      const int64_t n = std::min(step, B - s0);
+      const auto products =
+          implicit_conv_products(WideConv(x.narrow(0, s0, n), g.narrow(0, s0, n), kh, kw, padding, dilation));
+      const auto gid = group_ids.narrow(0, s0, n).contiguous();
+      AT_DISPATCH_FLOATING_TYPES(acc, "reduce_tap_products", [&] {
+        reduce_tap_products<scalar_t>(products.data_ptr<scalar_t>(), taps, n, Cout, Cin, gid.data_ptr<int64_t>(),
+                                      grad_sq.data_ptr<scalar_t>() + s0 * Cout, tap_sums.data_ptr<scalar_t>());
+      });
+    }
+    // [G, kh, kw, Cout, Cin] -> [G, Cout, Cin, kh, kw], the weight's layout.
+    group_grad.view({num_groups, Cout, Cin, kh, kw})
+        .copy_(tap_sums.view({num_groups, kh, kw, Cout, Cin}).permute({0, 3, 4, 1, 2}));
+    return {grad_sq, group_grad.view({num_groups, Cout, Cin, kh, kw})};
+  }
+
   if (method == "direct") {
     const int64_t step = std::min(chunk_samples(Cout * Kg), chunk_samples(groups * Kg * L, kWorkspaceElements));
     for (int64_t s0 = 0; s0 < B; s0 += step) {
@@ -243,8 +354,23 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
     return {grad_sq, group_grad.view({num_groups, Cout, Cin / groups, kh, kw})};
   }
 
-  const int64_t step = chunk_samples(groups * L * (L + Kg + Cg), kWorkspaceElements);
-  for (int64_t s0 = 0; s0 < B; s0 += step) {
+  if (implicit) {
+    const int64_t wide = grad_out_in.size(2) * (x_in.size(3) + 2 * padding[1]);
+    const int64_t step = chunk_samples(wide * (wide + Cout) + Cin * wide * 2, kWorkspaceElements);
+    for (int64_t s0 = 0; s0 < B; s0 += step) {
+      const int64_t n = std::min(step, B - s0);
+      const WideConv wc(x.narrow(0, s0, n), g.narrow(0, s0, n), kh, kw, padding, dilation);
+      const auto gram = implicit_conv_gram(wc);                  // [n, wide, wide]
+      const auto gt = wc.gwide.transpose(1, 2).contiguous();     // [n, wide, Cout]
+      const auto kg = at::bmm(gram, gt);                         // [n, wide, Cout]
+      AT_DISPATCH_FLOATING_TYPES(acc, "contract_gram", [&] {
+        contract_gram<scalar_t>(kg.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(), n, wide, Cout,
+                                grad_sq.data_ptr<scalar_t>() + s0 * Cout);
+      });
+    }
+  }
+  const int64_t step = implicit ? B : chunk_samples(groups * L * (L + Kg + Cg), kWorkspaceElements);
+  for (int64_t s0 = 0; s0 < B && !implicit; s0 += step) {
     const int64_t n = std::min(step, B - s0);
     const auto u = patches_of(s0, n);                               // [n*groups, Kg, L]
     const auto gram = at::bmm(u.transpose(1, 2), u);                // [n*groups, L, L]
@@ -258,9 +384,15 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
     grad_sq.narrow(0, s0, n).copy_(sq.view({n, Cout}));
   }
   // Group sums: the library's own weight-gradient kernel on each group's samples.
-  auto [order, offsets] = sort_by_group(group_ids, num_groups);
   const auto weight_shape = std::vector<int64_t>{Cout, Cin / groups, kh, kw};
   const auto w_dummy = at::empty(weight_shape, x.options());
+  if (num_groups == 1) {  // the weight gradient itself, returned as is (no copy of |W|)
+    auto grads = at::convolution_backward(g, x, w_dummy, c10::nullopt, stride, padding, dilation,
+                                          /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+                                          {false, true, false});
+    return {grad_sq, std::get<1>(grads).unsqueeze(0)};
+  }
+  auto [order, offsets] = sort_by_group(group_ids, num_groups);
   auto group_grad5 = group_grad.view({num_groups, Cout, Cin / groups, kh, kw});
   for (int64_t gi = 0; gi < num_groups; ++gi) {
     const int64_t lo = offsets[gi], hi = offsets[gi + 1];
@@ -269,8 +401,9 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
       continue;
     }
     const auto idx = order.narrow(0, lo, hi - lo);
+    const bool whole = hi - lo == B;  // one group holds the batch: no gather needed
     auto grads = at::convolution_backward(
-        g.index_select(0, idx), x.index_select(0, idx), w_dummy, c10::nullopt, stride, padding,
+        whole ? g : g.index_select(0, idx), whole ? x : x.index_select(0, idx), w_dummy, c10::nullopt, stride, padding,
         dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, {false, true, false});
     group_grad5[gi].copy_(std::get<1>(grads));
   }

@@ -48,7 +48,9 @@ from spurfast._extension import warn_once
 from spurfast.ops._common import check_group_ids, reduce_per_sample_grad
 from spurfast.ops.ablation_stats import ablation_stats
 from spurfast.ops.activation_stats import activation_stats, merge_group_moments
+from spurfast.ops._common import acc_dtype, choose_method, resolve_backend
 from spurfast.ops.conv_grad_stats import conv2d_per_sample_grad, conv_grad_stats, conv_padding
+from spurfast.ops.group_grad import DeferredGroupGrad
 from spurfast.ops.linear_grad_stats import as_tokens, linear_grad_stats, linear_per_sample_grad
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -94,6 +96,7 @@ class _Batch:
         self.act_positions: Dict[str, int] = {}
         self.act_moments: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.ablation: Dict[str, torch.Tensor] = {}  # [B, C] summed over calls, scaled to l_n
+        self.staged: List["DeferredGroupGrad"] = []  # workspaces holding rows of this batch
 
     def ids_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._ids_on:
@@ -176,6 +179,11 @@ class NeuronStats:
         track_activations: keep activation statistics.
         track_ablation: keep the first-order ablation statistic (``last_ablation``,
             ``ablation_sum``).
+        group_grad_workspace: for layers whose ``grad_sq`` needs no per-sample product (a
+            Linear on one token per sample; the Gram path), the batches' rows are copied into
+            a workspace of at most this fraction of the layer's ``group_grad`` size and added
+            to ``group_grad`` in one GEMM per group when it is full or read (many batches per
+            GEMM instead of ``G x |W|`` of memory traffic per batch). 0 adds every batch.
 
     Example::
 
@@ -200,6 +208,7 @@ class NeuronStats:
         track_group_grad: bool = True,
         track_activations: bool = True,
         track_ablation: bool = True,
+        group_grad_workspace: float = 0.25,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -217,6 +226,10 @@ class NeuronStats:
         self.track_group_grad = track_group_grad
         self.track_activations = track_activations
         self.track_ablation = track_ablation
+        if isinstance(group_grad_workspace, bool) or not isinstance(group_grad_workspace, (int, float)) \
+                or not group_grad_workspace >= 0:
+            raise ValueError(f"group_grad_workspace must be a number >= 0, got {group_grad_workspace!r}")
+        self.group_grad_workspace = float(group_grad_workspace)
         self._model_ref = weakref.ref(model)
         self._layers: "OrderedDict[str, _Layer]" = self._select_layers(model, layers)
         self._batch: Optional[_Batch] = None
@@ -296,7 +309,8 @@ class NeuronStats:
         """Forget everything recorded so far."""
         self.group_count = torch.zeros(self.num_groups, dtype=torch.int64)
         self.grad_sq_sum: Dict[str, torch.Tensor] = {}
-        self.group_grad: Dict[str, torch.Tensor] = {}
+        self._group_grad: Dict[str, torch.Tensor] = {}
+        self._deferred: Dict[str, DeferredGroupGrad] = {}  # layers whose group sums are added lazily
         self.act_count: Dict[str, torch.Tensor] = {}
         self.act_mean: Dict[str, torch.Tensor] = {}
         self._act_m2: Dict[str, torch.Tensor] = {}
@@ -310,11 +324,18 @@ class NeuronStats:
             if self.track_ablation:
                 self.ablation_sum[layer.name] = torch.zeros_like(self.grad_sq_sum[layer.name])
             if self.track_group_grad:
-                self.group_grad[layer.name] = torch.zeros((self.num_groups,) + tuple(w.shape), dtype=torch.float32, device=w.device)
+                self._group_grad[layer.name] = torch.zeros((self.num_groups,) + tuple(w.shape), dtype=torch.float32, device=w.device)
             if self.track_activations:
                 self.act_count[layer.name] = torch.zeros(self.num_groups, dtype=torch.int64, device=w.device)
                 self.act_mean[layer.name] = torch.zeros(self.num_groups, layer.out_channels, dtype=torch.float64, device=w.device)
                 self._act_m2[layer.name] = torch.zeros_like(self.act_mean[layer.name])
+
+    @property
+    def group_grad(self) -> Dict[str, torch.Tensor]:
+        """``{layer: [G, *W.shape] float32}``: running per-group sums of ``d l_n / d W`` (exact when read)."""
+        for deferred in self._deferred.values():
+            deferred.flush()
+        return self._group_grad
 
     @property
     def act_var(self) -> Dict[str, torch.Tensor]:
@@ -372,6 +393,7 @@ class NeuronStats:
         self.group_count = state["group_count"].clone().to(torch.int64)
         for table, n, t in updates:
             table[n] = t.clone()
+        self._deferred = {}  # everything pending was flushed into the tables just replaced
 
     def _tables(self):
         yield "grad_sq_sum", self.grad_sq_sum
@@ -432,11 +454,20 @@ class NeuronStats:
             yield self
         except BaseException:
             batch.closed = True
+            for deferred in batch.staged:
+                deferred.rollback()
             raise
         else:
             batch.closed = True
-            with torch.profiler.record_function("spurfast.fold"):  # batch -> running statistics
-                self._fold(batch)
+            try:
+                with torch.profiler.record_function("spurfast.fold"):  # batch -> running statistics
+                    self._fold(batch)
+            except BaseException:
+                for deferred in batch.staged:
+                    deferred.rollback()
+                raise
+            for deferred in batch.staged:
+                deferred.commit()
             if batch.forward_calls == 0:
                 warnings.warn(
                     "spurfast: no tracked layer ran a forward inside record(), so nothing was recorded for "
@@ -549,8 +580,10 @@ class NeuronStats:
         if output is not None:
             ablation = self._call_ablation(layer, x, grad_out, conv_args, *output) * batch.grad_scale
         if batch.grad_calls.get(name, 0) == 1:
-            num_groups = self.num_groups if self.track_group_grad else 1
-            op_ids = ids if self.track_group_grad else torch.zeros_like(ids)
+            deferred = self.track_group_grad and self._defers(layer, x, grad_out, conv_args)
+            grouped = self.track_group_grad and not deferred
+            num_groups = self.num_groups if grouped else 1
+            op_ids = ids if grouped else torch.zeros_like(ids)
             if conv_args is None:
                 grad_sq, group_grad = linear_grad_stats(
                     x, grad_out, op_ids, num_groups, backend=self.backend, check_inputs=False
@@ -561,8 +594,10 @@ class NeuronStats:
                     x, grad_out, module.weight.shape, stride, padding, dilation, groups, op_ids, num_groups,
                     backend=self.backend, check_inputs=False,
                 )
-            grad_w = group_grad.sum(0)
-            self._store_grad_stats(batch, layer, grad_sq, group_grad)
+            grad_w = group_grad[0] if num_groups == 1 else group_grad.sum(0)
+            self._store_grad_stats(batch, layer, grad_sq, group_grad if grouped else None)
+            if deferred:
+                self._stage_group_rows(batch, layer, x, grad_out, conv_args, ids)
             if ablation is not None:
                 batch.ablation[name] = ablation
             return grad_w
@@ -580,6 +615,39 @@ class NeuronStats:
         if batch.grad_received[name] == batch.grad_calls[name]:
             self._finish_multi_call(batch, layer)
         return per_sample.sum(0)
+
+    def _defers(self, layer: _Layer, x: torch.Tensor, grad_out: torch.Tensor, conv_args) -> bool:
+        """Whether this call's group sums go through the deferred workspace: only where the fused
+        op's ``grad_sq`` needs no per-sample product (those would give the group sums for free)."""
+        if self.group_grad_workspace <= 0:
+            return False
+        backend = resolve_backend(self.backend, x.device, x.dtype)
+        if backend == "torch":  # the reference forms every per-sample gradient anyway
+            return False
+        weight = layer.module.weight
+        if conv_args is None:
+            tokens = x[0].numel() // x.shape[-1] if x.shape[0] else 1
+            return tokens == 1 or choose_method(tokens, weight.shape[0], weight.shape[1], backend) == "gram"
+        groups = conv_args[3]
+        positions = grad_out[0, 0].numel()
+        return choose_method(positions, weight.shape[0] // groups, weight[0].numel(), backend, linear=False) == "gram"
+
+    def _stage_group_rows(self, batch: _Batch, layer: _Layer, x, grad_out, conv_args, ids) -> None:
+        """Copy this call's rows into the layer's deferred workspace (committed at a clean exit)."""
+        deferred = self._deferred.get(layer.name)
+        if deferred is None:
+            out = self._group_grad[layer.name]
+            workspace = int(self.group_grad_workspace * out.numel() * out.element_size())
+            deferred = self._deferred[layer.name] = DeferredGroupGrad(out, conv_args, workspace)
+        dtype = acc_dtype(x.dtype)
+        if conv_args is None:  # rows are tokens: [B * T, D] and [B * T, C]
+            tokens = x[0].numel() // x.shape[-1] if x.shape[0] else 1
+            rows_x, rows_g = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+            row_ids = ids if tokens == 1 else ids.repeat_interleave(tokens)
+        else:
+            rows_x, rows_g, row_ids = x, grad_out, ids
+        deferred.stage(rows_x.detach().to(dtype), rows_g.detach().to(dtype), row_ids, batch.grad_scale)
+        batch.staged.append(deferred)
 
     def _call_ablation(self, layer: _Layer, x, grad_out, conv_args, out, version, bias, weight) -> torch.Tensor:
         if out is None or out._version != version:  # released or changed in place: recompute W x
@@ -617,7 +685,7 @@ class NeuronStats:
     def _store_grad_stats(self, batch: _Batch, layer: _Layer, grad_sq, group_grad) -> None:
         scale = batch.grad_scale
         batch.grad_sq[layer.name] = grad_sq.float() * (scale * scale)
-        if self.track_group_grad:  # kept unscaled: the scale is applied while folding, in one pass
+        if group_grad is not None:  # kept unscaled: the scale is applied while folding, in one pass
             batch.group_grad[layer.name] = group_grad.reshape((self.num_groups,) + tuple(layer.module.weight.shape))
         batch.grad_done.add(layer.name)
 
@@ -668,7 +736,7 @@ class NeuronStats:
                 ids = batch.ids_on(grad_sq.device)
                 self.grad_sq_sum[name].index_add_(0, ids, grad_sq.double())
                 if self.track_group_grad and name in batch.group_grad:
-                    self.group_grad[name].add_(batch.group_grad[name], alpha=batch.grad_scale)
+                    self._group_grad[name].add_(batch.group_grad[name], alpha=batch.grad_scale)
             for name, ablation in ablation_full.items():
                 self.ablation_sum[name].index_add_(0, batch.ids_on(ablation.device), ablation.double())
             self.group_count += counts

@@ -149,7 +149,7 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         raise FloatingPointError(f"{name} contains NaN or Inf")
 
 
-def choose_method(tokens: int, out_features: int, in_features: int, backend: str = "cpp") -> str:
+def choose_method(tokens: int, out_features: int, in_features: int, backend: str = "cpp", linear: bool = True) -> str:
     """Pick the cheaper way to get ``grad_sq`` for one (sample, layer) of shape T x C x D.
 
     ``direct`` forms each sample's C x D gradient once (the GEMM that the weight gradient
@@ -163,8 +163,8 @@ def choose_method(tokens: int, out_features: int, in_features: int, backend: str
     if backend == "triton":
         direct = max(t, 16) * c * d + 4 * c * d
     else:
-        if t == 1:
-            return "direct"  # rank-one: grad_sq = g^2 * ||x||^2, no per-sample product at all
+        if t == 1 and linear:
+            return "direct"  # the linear kernel's rank-one case: grad_sq = g^2 * ||x||^2, no product at all
         direct = t * c * d + 8 * c * d
     gram = t * t * (d + c) + t * c * d
     return "gram" if gram < direct else "direct"

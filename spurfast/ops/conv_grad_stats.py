@@ -233,7 +233,8 @@ def conv_grad_stats(
     else:
         if method == "auto":
             positions = g4.shape[2] * g4.shape[3]
-            method = choose_method(positions, out_channels // groups, in_per_group * kernel[0] * kernel[1], backend)
+            method = choose_method(positions, out_channels // groups, in_per_group * kernel[0] * kernel[1], backend,
+                                   linear=False)
         args = (x4, g4, list(kernel), list(stride), list(padding), list(dilation), groups, group_ids, num_groups, method)
         if backend == "triton" and x.device.type == "cpu":  # the interpreter: call the kernels directly
             grad_sq, group_grad = _conv2d_grad_stats_triton(*args)

@@ -1,0 +1,155 @@
+"""Deferred per-group weight-gradient sums (spurfast.ops.group_grad) and their use in NeuronStats."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import spurfast as sf
+from spurfast.ops.group_grad import DeferredGroupGrad, accumulate_group_grad, accumulate_group_grad_reference
+
+CONV_CASES = [  # (x shape, weight shape, stride, padding, dilation, groups)
+    ((5, 3, 7, 6), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((4, 4, 9, 8), (6, 2, 3, 2), (2, 1), (1, 0), (1, 2), 2),
+]
+
+
+def _linear_rows(n, d=7, c=5, dtype=torch.float64):
+    return torch.randn(n, d, dtype=dtype), torch.randn(n, c, dtype=dtype)
+
+
+def _conv_rows(n, case, dtype=torch.float64):
+    x_shape, w_shape, stride, padding, dilation, groups = case
+    x = torch.randn((n,) + x_shape[1:], dtype=dtype)
+    out = F.conv2d(x, torch.randn(w_shape, dtype=dtype), None, stride, padding, dilation, groups)
+    return x, torch.randn_like(out)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv0", "conv1"])
+def test_accumulate_matches_per_sample_reference(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        x, g = _linear_rows(11)
+        shape, conv_args = (3, 5, 7), None
+    else:
+        case = CONV_CASES[int(kind[-1])]
+        x, g = _conv_rows(6, case)
+        shape, conv_args = (3,) + case[1], case[2:]
+    ids = torch.tensor([0, 2, 2, 0, 2, 0, 0, 2, 0, 2, 0][: x.shape[0]])  # group 1 empty
+    start = torch.randn(shape, dtype=torch.float64)
+    got, want = start.clone(), start.clone()
+    accumulate_group_grad(got, x, g, ids, conv_args)
+    accumulate_group_grad_reference(want, x, g, ids, conv_args)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[1], start[1])
+
+
+@pytest.mark.parametrize("workspace_bytes", [0, 1, 4000, 10**7])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_deferred_sums_equal_committed_batches_only(kind, workspace_bytes):
+    """Random batches, some rolled back; the workspace fills and flushes mid-stream (or not at all)."""
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    if kind == "linear":
+        shape, conv_args, make = (3, 5, 7), None, _linear_rows
+    else:
+        case = CONV_CASES[0]
+        shape, conv_args, make = (3,) + case[1], case[2:], lambda n: _conv_rows(n, case)
+    out = torch.zeros(shape, dtype=torch.float64)
+    want = torch.zeros(shape, dtype=torch.float64)
+    deferred = DeferredGroupGrad(out, conv_args, workspace_bytes)
+    for step in range(12):
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        x, g = make(n)
+        ids = torch.randint(0, 3, (n,), generator=gen)
+        scale = float(n)
+        deferred.stage(x, g, ids, scale)
+        x.add_(1.0), g.mul_(-3.0)  # the caller reuses its buffers: the workspace holds copies
+        if step % 4 == 3:
+            deferred.rollback()
+            continue
+        deferred.commit()
+        x.sub_(1.0), g.div_(-3.0)
+        accumulate_group_grad_reference(want, x, g * scale, ids, conv_args)
+    torch.testing.assert_close(deferred.flushed(), want, rtol=1e-12, atol=1e-12)
+    assert deferred.pending_rows == 0
+
+
+def _mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 4))
+
+
+def _small_map_cnn():
+    # 2x2 and 1x1 maps: the Gram path, whose group sums are deferred
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def _run(model, batches, workspace, backend, fail_at=()):
+    stats = sf.NeuronStats(model, num_groups=3, backend=backend, group_grad_workspace=workspace)
+    for i, (x, y, ids) in enumerate(batches):
+        if i in fail_at:
+            with pytest.raises(RuntimeError, match="boom"):
+                with stats.record(ids):
+                    F.cross_entropy(model(x), y).backward()
+                    raise RuntimeError("boom")
+        else:
+            with stats.record(ids):
+                F.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+    return stats
+
+
+@pytest.mark.parametrize("build,shape", [(_mlp, (3, 2, 2)), (_small_map_cnn, (3, 2, 2))])
+@pytest.mark.parametrize("workspace", [0.0, 1e-9, 0.25, 100.0])
+def test_neuron_stats_group_grad_exact_with_deferral(build, shape, workspace, has_ext):
+    torch.manual_seed(0)
+    model = build().double()
+    batches = [(torch.randn((n,) + shape, dtype=torch.float64), torch.randint(0, 4, (n,)), torch.randint(0, 3, (n,)))
+               for n in (5, 7, 3, 6)]
+    want = _run(model, batches, 0.0, "torch", fail_at=(2,))
+    got = _run(model, batches, workspace, "cpp", fail_at=(2,))
+    if workspace == 100.0:  # everything still pending before the first read
+        assert sum(d.pending_rows for d in got._deferred.values()) > 0
+    state = got.state_dict()  # reads through the flush
+    assert sum(d.pending_rows for d in got._deferred.values()) == 0
+    for name in want.layer_names:
+        torch.testing.assert_close(state[f"group_grad.{name}"], want.group_grad[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.grad_sq_sum[name], want.grad_sq_sum[name], rtol=1e-9, atol=1e-12)
+
+
+def test_deferred_rows_of_a_non_finite_batch_are_dropped(has_ext):
+    torch.manual_seed(0)
+    model = _mlp()
+    stats = sf.NeuronStats(model, num_groups=3, backend="cpp", group_grad_workspace=100.0)
+    x, y, ids = torch.randn(6, 3, 2, 2), torch.randint(0, 4, (6,)), torch.arange(6) % 3
+    with stats.record(ids):
+        F.cross_entropy(model(x), y).backward()
+    before = {n: t.clone() for n, t in stats.group_grad.items()}
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        with stats.record(ids):
+            F.cross_entropy(model(bad), y).backward()
+    for name, t in stats.group_grad.items():
+        assert torch.equal(t, before[name])
+
+
+def test_load_state_dict_discards_pending_rows(has_ext):
+    torch.manual_seed(0)
+    model = _mlp()
+    stats = sf.NeuronStats(model, num_groups=3, backend="cpp", group_grad_workspace=100.0)
+    x, y, ids = torch.randn(6, 3, 2, 2), torch.randint(0, 4, (6,)), torch.arange(6) % 3
+    with stats.record(ids):
+        F.cross_entropy(model(x), y).backward()
+    empty = sf.NeuronStats(model, num_groups=3, backend="cpp").state_dict()
+    with stats.record(ids):
+        F.cross_entropy(model(x), y).backward()
+    stats.load_state_dict(empty)
+    assert all(float(t.abs().max()) == 0.0 for t in stats.group_grad.values())
+
+
+def test_group_grad_workspace_is_validated():
+    with pytest.raises(ValueError, match="group_grad_workspace"):
+        sf.NeuronStats(_mlp(), num_groups=2, group_grad_workspace=-1)
+    with pytest.raises(ValueError, match="group_grad_workspace"):
+        sf.NeuronStats(_mlp(), num_groups=2, group_grad_workspace="big")

@@ -580,19 +580,19 @@ class NeuronStats:
         if output is not None:
             ablation = self._call_ablation(layer, x, grad_out, conv_args, *output) * batch.grad_scale
         if batch.grad_calls.get(name, 0) == 1:
-            deferred = self.track_group_grad and self._defers(layer, x, grad_out, conv_args)
+            method, deferred = self._method(layer, x, grad_out, conv_args)
             grouped = self.track_group_grad and not deferred
             num_groups = self.num_groups if grouped else 1
             op_ids = ids if grouped else torch.zeros_like(ids)
             if conv_args is None:
                 grad_sq, group_grad = linear_grad_stats(
-                    x, grad_out, op_ids, num_groups, backend=self.backend, check_inputs=False
+                    x, grad_out, op_ids, num_groups, backend=self.backend, method=method, check_inputs=False
                 )
             else:
                 stride, padding, dilation, groups = conv_args
                 grad_sq, group_grad = conv_grad_stats(
                     x, grad_out, module.weight.shape, stride, padding, dilation, groups, op_ids, num_groups,
-                    backend=self.backend, check_inputs=False,
+                    backend=self.backend, method=method, check_inputs=False,
                 )
             grad_w = group_grad[0] if num_groups == 1 else group_grad.sum(0)
             self._store_grad_stats(batch, layer, grad_sq, group_grad if grouped else None)
@@ -616,21 +616,25 @@ class NeuronStats:
             self._finish_multi_call(batch, layer)
         return per_sample.sum(0)
 
-    def _defers(self, layer: _Layer, x: torch.Tensor, grad_out: torch.Tensor, conv_args) -> bool:
-        """Whether this call's group sums go through the deferred workspace: only where the fused
-        op's ``grad_sq`` needs no per-sample product (those would give the group sums for free)."""
-        if self.group_grad_workspace <= 0:
-            return False
+    def _method(self, layer: _Layer, x: torch.Tensor, grad_out: torch.Tensor, conv_args) -> Tuple[str, bool]:
+        """(method for the fused op, whether this call's group sums go through the deferred
+        workspace): deferred only where ``grad_sq`` needs no per-sample product (the rank-one
+        Linear case, the Gram path), since per-sample products give the group sums for free."""
         backend = resolve_backend(self.backend, x.device, x.dtype)
         if backend == "torch":  # the reference forms every per-sample gradient anyway
-            return False
+            return "auto", False
+        deferrable = self.track_group_grad and self.group_grad_workspace > 0
         weight = layer.module.weight
         if conv_args is None:
             tokens = x[0].numel() // x.shape[-1] if x.shape[0] else 1
-            return tokens == 1 or choose_method(tokens, weight.shape[0], weight.shape[1], backend) == "gram"
-        groups = conv_args[3]
-        positions = grad_out[0, 0].numel()
-        return choose_method(positions, weight.shape[0] // groups, weight[0].numel(), backend, linear=False) == "gram"
+            if tokens == 1:
+                return "direct", deferrable
+            method = choose_method(tokens, weight.shape[0], weight.shape[1], backend, group_sums=deferrable)
+        else:
+            groups = conv_args[3]
+            method = choose_method(grad_out[0, 0].numel(), weight.shape[0] // groups, weight[0].numel(), backend,
+                                   linear=False, group_sums=deferrable)
+        return method, deferrable and method == "gram"
 
     def _stage_group_rows(self, batch: _Batch, layer: _Layer, x, grad_out, conv_args, ids) -> None:
         """Copy this call's rows into the layer's deferred workspace (committed at a clean exit)."""
@@ -723,7 +727,7 @@ class NeuronStats:
                 )
                 moments[name] = (count, mean, m2)
         checked = list(last_grad_sq.items()) + list(last_act.items()) + list(last_ablation.items())
-        finite = [torch.isfinite(t).all() for _, t in checked]
+        finite = [_all_finite(t) for _, t in checked]
         if finite and not bool(torch.stack([f.cpu() for f in finite]).all()):
             bad = [n for n, t in checked if not bool(torch.isfinite(t).all())]
             raise FloatingPointError(
@@ -750,6 +754,14 @@ class NeuronStats:
             )
         if last_act:
             self.last_act = last_act
+
+
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: no NaN/Inf in ``t``. For float32 and narrower, one float64 sum (NaN and Inf
+    survive it, and finite values cannot overflow it) instead of isfinite's several passes."""
+    if t.dtype == torch.float64:
+        return torch.isfinite(t).all()
+    return torch.isfinite(t.sum(dtype=torch.float64))
 
 
 def _recorded_by(module: nn.Module) -> Optional[Tuple["NeuronStats", str]]:

@@ -149,15 +149,23 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         raise FloatingPointError(f"{name} contains NaN or Inf")
 
 
-def choose_method(tokens: int, out_features: int, in_features: int, backend: str = "cpp", linear: bool = True) -> str:
+def choose_method(tokens: int, out_features: int, in_features: int, backend: str = "cpp", linear: bool = True,
+                  group_sums: bool = False) -> str:
     """Pick the cheaper way to get ``grad_sq`` for one (sample, layer) of shape T x C x D.
 
     ``direct`` forms each sample's C x D gradient once (the GEMM that the weight gradient
-    needs anyway, so group sums come free) and reads its rows; ``gram`` forms the T x T
-    Gram matrix of the sample's inputs and contracts it with the output gradient, and
-    then still pays one GEMM for the group sums. Costs in multiply-adds. On CPU a
-    per-sample gradient element is written and re-read (a few multiply-adds' worth); in
-    Triton it stays in registers, but the per-sample dot pads T to the 16-wide MMA tile.
+    needs anyway, so the weight gradient and group sums come free) and reads its rows;
+    ``gram`` forms the T x T Gram matrix of the sample's inputs and contracts it with the
+    output gradient, and then still pays one GEMM for the weight gradient. ``group_sums``:
+    the caller also keeps per-group sums apart from the weight gradient (as
+    :class:`spurfast.NeuronStats` does, deferring them): the Gram path pays one more GEMM
+    for them, the direct path adds every product into G sums instead of one.
+
+    Costs in multiply-adds. On CPU a per-sample gradient element is written by a GEMM whose
+    reduction is only T deep and re-read; measured on this project's CPU that costs about
+    32 multiply-adds' worth per element, and about 96 when it is also added into G sums
+    (which no longer stay in cache between chunks of samples). In Triton a product stays in
+    registers, but the per-sample dot pads T to the 16-wide MMA tile.
     """
     t, c, d = tokens, out_features, in_features
     if backend == "triton":
@@ -165,8 +173,8 @@ def choose_method(tokens: int, out_features: int, in_features: int, backend: str
     else:
         if t == 1 and linear:
             return "direct"  # the linear kernel's rank-one case: grad_sq = g^2 * ||x||^2, no product at all
-        direct = t * c * d + 8 * c * d
-    gram = t * t * (d + c) + t * c * d
+        direct = t * c * d + (96 if group_sums else 32) * c * d
+    gram = t * t * (d + c) + t * c * d * (2 if group_sums else 1)
     return "gram" if gram < direct else "direct"
 
 

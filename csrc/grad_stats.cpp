@@ -117,6 +117,26 @@ std::pair<at::Tensor, std::vector<int64_t>> sort_by_group(const at::Tensor& grou
 // Ho * Wp "wide" positions, kernel tap (i, j) reads the padded input at the fixed offset
 // i * dh * Wp + j * dw: a strided [Cin, Ho * Wp] matrix per sample, and one batched GEMM per
 // tap covers all samples. Wide columns past Wo meet zeros in grad_out and add nothing.
+// dst planes [planes, Hd, Wd] = src planes [planes, H, W] placed at (top, left), zeros elsewhere;
+// one pass over dst (src contiguous).
+template <typename scalar_t>
+void pad_planes(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W, int64_t top,
+                int64_t left, int64_t Hd, int64_t Wd) {
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < planes; ++p) {
+    const scalar_t* s = src + p * H * W;
+    scalar_t* d = dst + p * Hd * Wd;
+    std::fill(d, d + top * Wd, scalar_t(0));
+    for (int64_t h = 0; h < H; ++h) {
+      scalar_t* row = d + (top + h) * Wd;
+      std::fill(row, row + left, scalar_t(0));
+      std::copy(s + h * W, s + (h + 1) * W, row + left);
+      std::fill(row + left + W, row + Wd, scalar_t(0));
+    }
+    std::fill(d + (top + H) * Wd, d + Hd * Wd, scalar_t(0));
+  }
+}
+
 struct WideConv {
   at::Tensor xpad;   // [n, Cin, Hp + 1, Wp]
   at::Tensor gwide;  // [n, Cout, Ho * Wp]
@@ -131,10 +151,13 @@ struct WideConv {
     Wp = x.size(3) + 2 * padding[1];
     wide = Ho * Wp;
     plane = (Hp + 1) * Wp;
-    xpad = at::zeros({n, Cin, Hp + 1, Wp}, x.options());
-    xpad.narrow(2, padding[0], x.size(2)).narrow(3, padding[1], x.size(3)).copy_(x);
-    gwide = at::zeros({n, Cout, Ho, Wp}, g.options());
-    gwide.narrow(3, 0, Wo).copy_(g);
+    xpad = at::empty({n, Cin, Hp + 1, Wp}, x.options());
+    gwide = at::empty({n, Cout, Ho, Wp}, g.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pad_planes", [&] {
+      pad_planes<scalar_t>(x.data_ptr<scalar_t>(), xpad.data_ptr<scalar_t>(), n * Cin, x.size(2), x.size(3),
+                           padding[0], padding[1], Hp + 1, Wp);
+      pad_planes<scalar_t>(g.data_ptr<scalar_t>(), gwide.data_ptr<scalar_t>(), n * Cout, Ho, Wo, 0, 0, Ho, Wp);
+    });
     gwide = gwide.view({n, Cout, wide});
     for (int64_t i = 0; i < kh; ++i)
       for (int64_t j = 0; j < kw; ++j) offsets.push_back(i * dilation[0] * Wp + j * dilation[1]);
@@ -299,8 +322,13 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
   const auto g = grad_out_in.to(acc).contiguous();
   auto grad_sq = at::empty({B, Cout}, x.options());
   // The direct path accumulates into group_grad; the Gram path overwrites non-empty groups.
-  auto group_grad = method == "direct" || B == 0 ? at::zeros({num_groups, Cout, Kg}, x.options())
-                                                 : at::empty({num_groups, Cout, Kg}, x.options());
+  const bool implicit = groups == 1 && stride[0] == 1 && stride[1] == 1 &&
+                        grad_out_in.size(2) == x_in.size(2) + 2 * padding[0] - dilation[0] * (kh - 1) &&
+                        grad_out_in.size(3) == x_in.size(3) + 2 * padding[1] - dilation[1] * (kw - 1);
+  // The im2col direct path accumulates into group_grad; the other paths overwrite it.
+  auto group_grad = (method == "direct" && !implicit) || B == 0
+                        ? at::zeros({num_groups, Cout, Kg}, x.options())
+                        : at::empty({num_groups, Cout, Kg}, x.options());
   if (B == 0) return {grad_sq, group_grad.view({num_groups, Cout, Cin / groups, kh, kw})};
 
   const auto patches_of = [&](int64_t s0, int64_t n) {
@@ -314,9 +342,6 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
     return g.narrow(0, s0, n).reshape({n * groups, Cg, L});
   };
 
-  const bool implicit = groups == 1 && stride[0] == 1 && stride[1] == 1 &&
-                        grad_out_in.size(2) == x_in.size(2) + 2 * padding[0] - dilation[0] * (kh - 1) &&
-                        grad_out_in.size(3) == x_in.size(3) + 2 * padding[1] - dilation[1] * (kw - 1);
   if (implicit && method == "direct") {
     const int64_t taps = kh * kw;
     auto tap_sums = at::zeros({num_groups, taps, Cout, Cin}, x.options());  // group sums, tap-major

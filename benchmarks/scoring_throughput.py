@@ -56,6 +56,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--spurfast-backend", default="auto", choices=("auto", "torch", "cpp", "triton"))
     p.add_argument("--no-tf32", action="store_true", help="disallow TF32 (default: allowed for all methods)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", type=int, default=None,
+                   help="CPU: rounds of plain and spurfast steps in alternation for per-round ratios "
+                        "(default 20 on cpu, 0 on cuda)")
+    p.add_argument("--no-memory", action="store_true", help="CPU: skip the peak-memory pass after the timings")
     p.add_argument("--verbose", "-v", action="store_true", help="print every result row to stderr")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -66,7 +70,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             batch_sizes=parse_batch_sizes(args.batch_size, models), warmup=args.warmup, repeats=args.repeats,
             tiny=args.tiny, spurfast_backend=args.spurfast_backend, tf32=not args.no_tf32, seed=args.seed,
             budget_s=args.budget_s, time_limit_s=args.time_limit_s, allow_standin=args.device == "cpu",
-            verbose=args.verbose, batch_size_override=args.batch_size, argv=args.argv)
+            verbose=args.verbose, batch_size_override=args.batch_size, argv=args.argv,
+            pairs=(20 if args.device == "cpu" and not args.tiny else 0) if args.pairs is None else args.pairs,
+            memory=not args.no_memory)
         if args.render is None:
             check_device(args.device)
         if args.merge and args.out is None:

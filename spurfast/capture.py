@@ -338,6 +338,16 @@ class NeuronStats:
         return self._group_grad
 
     @property
+    def nbytes(self) -> int:
+        """Memory held by the statistics: the running tables (``group_grad``'s ``G x |W|`` per
+        layer, the ``[G, C]`` sums and moments), the last batch's ``[B, C]`` tensors and the
+        deferred group-sum workspaces."""
+        tensors = [self.group_count] + [t for _, table in self._tables(flush=False) for t in table.values()]
+        tensors += [t for table in (self.last_grad_sq, self.last_act, self.last_ablation) for t in table.values()]
+        total = sum(t.numel() * t.element_size() for t in tensors)
+        return total + sum(d.workspace_nbytes for d in self._deferred.values())
+
+    @property
     def act_var(self) -> Dict[str, torch.Tensor]:
         """Per-group population variance ``[G, C]`` of the per-sample channel means (0 for empty groups)."""
         return {
@@ -395,12 +405,12 @@ class NeuronStats:
             table[n] = t.clone()
         self._deferred = {}  # everything pending was flushed into the tables just replaced
 
-    def _tables(self):
+    def _tables(self, flush: bool = True):
         yield "grad_sq_sum", self.grad_sq_sum
         if self.track_ablation:
             yield "ablation_sum", self.ablation_sum
         if self.track_group_grad:
-            yield "group_grad", self.group_grad
+            yield "group_grad", self.group_grad if flush else self._group_grad
         if self.track_activations:
             yield "act_count", self.act_count
             yield "act_mean", self.act_mean
@@ -597,7 +607,8 @@ class NeuronStats:
             grad_w = group_grad[0] if num_groups == 1 else group_grad.sum(0)
             self._store_grad_stats(batch, layer, grad_sq, group_grad if grouped else None)
             if deferred:
-                self._stage_group_rows(batch, layer, x, grad_out, conv_args, ids)
+                with torch.profiler.record_function("spurfast.group_sums"):
+                    self._stage_group_rows(batch, layer, x, grad_out, conv_args, ids)
             if ablation is not None:
                 batch.ablation[name] = ablation
             return grad_w

@@ -100,11 +100,12 @@ def test_missing_model_library_is_skipped(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails as if not installed
     monkeypatch.setitem(sys.modules, "timm", None)
     data = throughput.measure(_tiny(("resnet50", "vit_small", "mlp"), ("plain",)))
-    for model, library in (("resnet50", "torchvision"), ("vit_small", "timm")):
-        entry = data["results"][model]
-        assert entry["skipped"].startswith(f"{library} is not importable") and entry["methods"] == {}
+    entry = data["results"]["resnet50"]  # no stand-in: skipped
+    assert entry["skipped"].startswith("torchvision is not importable") and entry["methods"] == {}
+    vit = data["results"]["vit_small"]  # its timm-free stand-in, saying why
+    assert vit["standin"] and "timm is not importable" in vit["source"] and vit["methods"]["plain"]["error"] is None
     assert data["results"]["mlp"]["methods"]["plain"]["error"] is None
-    assert {r["model"] for r in data["summary"]["skipped"]} == {"resnet50", "vit_small"}
+    assert {r["model"] for r in data["summary"]["skipped"]} == {"resnet50"}
     table = throughput.render_table(data)
     assert "| resnet50 | 2 | – |" in table and "* resnet50: torchvision is not importable" in table
 
@@ -185,9 +186,11 @@ def test_configurations():
     assert quick.models == gpu.models == list(ALL_MODELS) and quick.methods == gpu.methods == list(peers.ALL_METHODS)
     assert quick.tiny and not gpu.tiny and quick.allow_standin and not gpu.allow_standin
     assert quick.threads == 1 and gpu.threads is None and cpu.threads is None
-    assert gpu.batch_sizes == {"resnet18": 256, "resnet50": 64, "vit_small": 64, "vit_base": 32, "mlp": 512}
+    assert gpu.batch_sizes == {"resnet18": 256, "resnet18_cifar": 256, "resnet50": 64, "vit_small": 64, "vit_base": 32,
+                               "mlp": 512}
     assert gpu.time_limit_s and gpu.time_limit_s < 8 * 60 and gpu.budget_s and gpu.tf32
-    assert cpu.batch_sizes == {"resnet18": 32, "mlp": 128} and not cpu.tiny
+    assert cpu.batch_sizes == {"resnet18": 32, "resnet18_cifar": 32, "vit_small": 16, "mlp": 128} and not cpu.tiny
+    assert (cpu.pairs, quick.pairs, gpu.pairs) == (20, 3, 0)
     custom = command.settings_from_args(_args("--device", "cuda", "--models", "mlp", "--batch-size", "mlp=64",
                                               "--repeats", "7", "--time-limit-s", "100"))
     assert custom.batch_sizes == {"mlp": 64} and custom.repeats == 7 and custom.time_limit_s == 100
@@ -241,3 +244,17 @@ def test_no_device_query_or_peer_import_at_import():
     import subprocess
 
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_paired_rounds_give_per_round_ratios_and_a_table():
+    data = throughput.measure(_tiny(methods=("spurfast", "spurfast_nogroup", "plain"), pairs=3))
+    paired = data["results"]["mlp"]["paired"]
+    assert set(paired) == {"spurfast", "spurfast_nogroup"}
+    for row in paired.values():
+        assert row["rounds"] == 3 and row["ratio_iqr"][0] <= row["ratio_median"] <= row["ratio_iqr"][1]
+        assert row["ratio_median"] > 0 and row["plain_ms_median"] > 0
+    assert "| mlp | 2 | spurfast_nogroup |" in throughput.render_table(data)
+    rows = data["results"]["mlp"]["methods"]
+    assert rows["spurfast"]["stats_bytes"] > rows["spurfast_nogroup"]["stats_bytes"] > 0  # group_grad's G x |W|
+    with pytest.raises(ValueError, match="--pairs"):
+        _tiny(pairs=-1)

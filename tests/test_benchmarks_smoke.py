@@ -67,7 +67,7 @@ def test_scoring_tiny_mlp_writes_complete_json(scoring, tmp_path):
         assert set(row) >= set(ROW_FIELDS), method
         assert row["error"] is None and row["skipped"] is None, (method, row)
         assert row["time_ms_median"] is not None and row["samples_per_s"] is not None
-        assert row["peak_mem_bytes"] is None  # CPU: no per-method peak
+        assert row["peak_mem_kind"] == "cpu_rss_growth" and row["peak_mem_bytes"] >= 0  # the memory pass
     assert rows["plain"]["ratio_to_plain"] == pytest.approx(1.0)
     assert rows["plain"]["max_rel_err"] is None
     assert rows["spurfast"]["max_rel_err"] == 0.0
@@ -305,3 +305,15 @@ def test_erm_textured_fashion_tiny_writes_both_models(tmp_path, one_thread, comm
         assert isinstance(s["claim_met"], bool) and s["fit_threshold"] == 99.0 and s["min_worst_gap"] == 20.0
     assert out.with_suffix(".md").read_text().strip() == data["table_markdown"]
     assert "| efficientnet_lite0 | 0 |" in data["table_markdown"] and "| small_cnn | 0 |" in data["table_markdown"]
+
+
+def test_batch_sweep_quick_writes_json_and_table(tmp_path, one_thread):
+    sweep_script = _load("batch_sweep")
+    out = tmp_path / "sweep"
+    sweep_script.main(["--quick", "--models", "mlp", "--out", str(out)])
+    data = json.loads((out / "batch_sweep.json").read_text())
+    assert sorted(data["results"]["mlp"]) == ["2", "4"] and data["settings"]["pairs"] == 2
+    for row in data["results"]["mlp"].values():
+        assert set(row) == {"spurfast", "spurfast_nogroup"} and row["spurfast"]["rounds"] == 2
+    assert "| mlp | 4 |" in (out / "batch_sweep.md").read_text()
+    assert data["command"].startswith("python benchmarks/batch_sweep.py --quick")

@@ -24,6 +24,8 @@ DOCTEST_MODULES = [
     "spurfast.optim",
     "spurfast.bench.masked_step",
     "spurfast.bench.profile",
+    "spurfast.bench.sweep",
+    "spurfast.bench.models",
     "spurfast.attribution.scores",
     "spurfast.attribution.objectives",
     "spurfast.attribution.ablation",

@@ -153,3 +153,17 @@ def test_group_grad_workspace_is_validated():
         sf.NeuronStats(_mlp(), num_groups=2, group_grad_workspace=-1)
     with pytest.raises(ValueError, match="group_grad_workspace"):
         sf.NeuronStats(_mlp(), num_groups=2, group_grad_workspace="big")
+
+
+def test_nbytes_counts_the_tables_and_the_workspace(has_ext):
+    torch.manual_seed(0)
+    model = _mlp()
+    stats = sf.NeuronStats(model, num_groups=3, backend="cpp", group_grad_workspace=0.5)
+    group_grad_bytes = sum(t.numel() * 4 for t in stats.group_grad.values())
+    before = stats.nbytes
+    assert before > group_grad_bytes
+    x, y, ids = torch.randn(6, 3, 2, 2), torch.randint(0, 4, (6,)), torch.arange(6) % 3
+    with stats.record(ids):
+        F.cross_entropy(model(x), y).backward()
+    workspace = sum(d.workspace_nbytes for d in stats._deferred.values())
+    assert workspace > 0 and stats.nbytes >= before + workspace

@@ -6,6 +6,8 @@
   ``spurfast bench`` command built on it (:mod:`spurfast.bench.command`);
 * :mod:`spurfast.bench.gemm`: the fused kernels against the weight-gradient GEMM per layer shape;
 * :mod:`spurfast.bench.cpu_backends`: the ``cpp`` backend against the ``torch`` reference on CPU;
+* :mod:`spurfast.bench.profile`: where a CPU scoring step's time goes, per layer and phase;
+* :mod:`spurfast.bench.sweep`: the CPU scoring step against plain across batch sizes;
 * :mod:`spurfast.bench.timing`, :mod:`spurfast.bench.environment`, :mod:`spurfast.bench.models`:
   what they share.
 

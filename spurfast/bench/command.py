@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 360 on cuda, so that a run ends well within 8 minutes)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the run (default: torch's; 1 with --quick on cpu)")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="CPU: rounds of plain and spurfast steps in alternation, for per-round ratios "
+                             "(default 20 on cpu, 3 with --quick, 0 on cuda)")
     parser.add_argument("--spurfast-backend", default="auto", choices=SPURFAST_BACKENDS,
                         help="NeuronStats backend (auto: cpp on CPU, triton on CUDA)")
     parser.add_argument("--no-tf32", action="store_true", help="disallow TF32 (default: allowed for every method)")
@@ -116,6 +119,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         # tiny shapes gain nothing from threads, and on a busy small CPU oversubscribed threads slow them 10x
         threads=pick("threads", 1 if quick and device == "cpu" else None),
         batch_size_override=None if batch_text is None else str(batch_text),
+        pairs=pick("pairs", 0 if device == "cuda" else (3 if quick else 20)),
         argv=getattr(args, "argv", None) or list(sys.argv),
     )
 

@@ -141,6 +141,22 @@ def _resnet18(batch: int = 256) -> List[LayerShape]:
     return shapes
 
 
+def _resnet18_cifar(batch: int = 256) -> List[LayerShape]:
+    """CIFAR-style ResNet-18 on 32x32 inputs: 3x3 stride-1 stem, no max-pool, 32x32 maps in stage 1."""
+    model = "resnet18_cifar"
+    shapes = [_conv("conv1", model, batch, 3, 64, 32, 3), _conv("layer1.conv", model, batch, 64, 64, 32, 3)]
+    cin, hw = 64, 32
+    for stage, width in ((2, 128), (3, 256), (4, 512)):
+        pre = f"layer{stage}"
+        shapes += [_conv(f"{pre}.0.conv1", model, batch, cin, width, hw, 3, 2),
+                   _conv(f"{pre}.0.downsample", model, batch, cin, width, hw, 1, 2)]
+        hw //= 2
+        shapes.append(_conv(f"{pre}.conv", model, batch, width, width, hw, 3))
+        cin = width
+    shapes.append(_linear("fc", model, batch, 512, 10))
+    return shapes
+
+
 def _vit(model: str, batch: int, dim: int) -> List[LayerShape]:
     """timm ViT-*/16 on 224x224: 196 patches + class token, MLP ratio 4, 2-class head on the class token."""
     tokens = 197
@@ -157,6 +173,7 @@ def _vit(model: str, batch: int, dim: int) -> List[LayerShape]:
 def default_shapes() -> List[LayerShape]:
     return (
         _resnet18()
+        + _resnet18_cifar()
         + _resnet50()
         + _vit("vit_small", 64, 384)
         + _vit("vit_base", 32, 768)

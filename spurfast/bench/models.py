@@ -10,7 +10,9 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from spurfast.bench.environment import error_string
 
@@ -113,6 +115,107 @@ class ResNet18(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
+def resnet18_cifar(num_classes: int = 10) -> nn.Module:
+    """The CIFAR-style ResNet-18: :class:`ResNet18` with a 3x3 stride-1 stem and no max-pool,
+    so its first stage runs on 32x32 maps (the usual adaptation of torchvision's model)."""
+    model = ResNet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
+def _torchvision_resnet18_cifar(num_classes: int) -> nn.Module:
+    model = _torchvision_resnet("resnet18", num_classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class _Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = _Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = _Mlp(dim, 4 * dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class _PatchEmbed(nn.Module):
+    def __init__(self, dim: int, patch: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """A timm-free ViT with timm's ``vit_*_patch16_224`` layers and module names (patch
+    embedding conv, class token, learned position embedding, pre-norm blocks whose attention
+    calls ``qkv``/``proj`` Linear layers, MLP ratio 4, head on the class token), for machines
+    without timm. Initialisation is torch's default, not timm's.
+
+    Example::
+
+        >>> import torch
+        >>> model = VisionTransformer(img_size=32, dim=64, depth=2, heads=4, num_classes=2).eval()
+        >>> model(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 2])
+    """
+
+    def __init__(self, img_size: int = 224, patch: int = 16, dim: int = 384, depth: int = 12, heads: int = 6,
+                 num_classes: int = 2):
+        super().__init__()
+        tokens = (img_size // patch) ** 2 + 1
+        self.patch_embed = _PatchEmbed(dim, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(*[_Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def _vit_standin(dim: int, heads: int, tiny: bool) -> nn.Module:
+    size = dict(img_size=32, depth=2) if tiny else dict(img_size=224)
+    return VisionTransformer(dim=dim, heads=heads, num_classes=2, **size)
+
+
 def resnet18_width_stack(num_classes: int = 10) -> nn.Module:
     """CIFAR-style ResNet-18 widths without the skips: 3->64 stem, then two 3x3 convs per
     stage at 64/128/256/512 channels (stride 2 entering stages 2-4), BatchNorm (eval) and
@@ -163,20 +266,31 @@ MODEL_SPECS: Dict[str, ModelSpec] = {
         standin=("spurfast.bench.models.ResNet18(num_classes=10), torchvision-free stand-in",
                  lambda tiny: ResNet18(num_classes=10)),
     ),
+    "resnet18_cifar": ModelSpec(
+        "resnet18_cifar", "torchvision.models.resnet18(num_classes=10), 3x3 stride-1 stem, no max-pool", 256, 32, 10,
+        build=lambda tiny: _torchvision_resnet18_cifar(10),
+        input_shape=lambda tiny: (3, 32, 32),
+        standin=("spurfast.bench.models.resnet18_cifar(num_classes=10), torchvision-free stand-in",
+                 lambda tiny: resnet18_cifar(num_classes=10)),
+    ),
     "resnet50": ModelSpec(
         "resnet50", "torchvision.models.resnet50(num_classes=2)", 64, None, 2,
         build=lambda tiny: _torchvision_resnet("resnet50", 2),
         input_shape=lambda tiny: (3, 32, 32) if tiny else (3, 224, 224),
     ),
     "vit_small": ModelSpec(
-        "vit_small", "timm vit_small_patch16_224, 2 classes", 64, None, 2,
+        "vit_small", "timm vit_small_patch16_224, 2 classes", 64, 16, 2,
         build=lambda tiny: _timm_vit("vit_small_patch16_224", tiny),
         input_shape=lambda tiny: (3, 32, 32) if tiny else (3, 224, 224),
+        standin=("spurfast.bench.models.VisionTransformer(dim=384, heads=6), timm-free stand-in with timm's layers",
+                 lambda tiny: _vit_standin(384, 6, tiny)),
     ),
     "vit_base": ModelSpec(
         "vit_base", "timm vit_base_patch16_224, 2 classes", 32, None, 2,
         build=lambda tiny: _timm_vit("vit_base_patch16_224", tiny),
         input_shape=lambda tiny: (3, 32, 32) if tiny else (3, 224, 224),
+        standin=("spurfast.bench.models.VisionTransformer(dim=768, heads=12), timm-free stand-in with timm's layers",
+                 lambda tiny: _vit_standin(768, 12, tiny)),
     ),
     "mlp": ModelSpec(
         "mlp", "spurfast.bench.models.MLP 3072-2048-2048-10", 512, 128, 10,

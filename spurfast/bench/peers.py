@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from spurfast.bench.models import MissingDependency, import_optional, tracked_layers
 
 NUM_GROUPS = 4
-ALL_METHODS = ("spurfast", "plain", "opacus", "func", "backpack", "backpack_fx")
+ALL_METHODS = ("spurfast", "spurfast_nogroup", "plain", "opacus", "func", "backpack", "backpack_fx")
 # The package each peer needs, so that a missing one is reported as skipped before any work.
 PEER_MODULES = {"opacus": "opacus", "backpack": "backpack", "backpack_fx": "backpack"}
 
@@ -51,10 +51,10 @@ def setup_plain(model, x, y, group_ids, backend):
     return step, check
 
 
-def setup_spurfast(model, x, y, group_ids, backend):
+def setup_spurfast(model, x, y, group_ids, backend, track_group_grad: bool = True):
     import spurfast
 
-    stats = spurfast.NeuronStats(model, num_groups=NUM_GROUPS, backend=backend)
+    stats = spurfast.NeuronStats(model, num_groups=NUM_GROUPS, backend=backend, track_group_grad=track_group_grad)
     expected = [n for n, _ in tracked_layers(model)]
     if stats.layer_names != expected:
         raise RuntimeError(f"spurfast tracks {stats.layer_names}, the benchmark expects {expected}")
@@ -68,7 +68,14 @@ def setup_spurfast(model, x, y, group_ids, backend):
         step()
         return dict(stats.last_grad_sq)
 
+    step.stats = stats  # the benchmark reports the statistics' own memory
     return step, check
+
+
+def setup_spurfast_nogroup(model, x, y, group_ids, backend):
+    """spurfast without ``group_grad`` (the per-group weight-gradient sums): grad_sq, activation
+    statistics and the removal effect only."""
+    return setup_spurfast(model, x, y, group_ids, backend, track_group_grad=False)
 
 
 def setup_opacus(model, x, y, group_ids, backend):
@@ -142,6 +149,7 @@ def setup_backpack_fx(model, x, y, group_ids, backend):
 Setup = Callable[..., Tuple[Callable[[], object], Callable[[], Optional[Dict[str, torch.Tensor]]]]]
 SETUPS: Dict[str, Setup] = {
     "spurfast": setup_spurfast,
+    "spurfast_nogroup": setup_spurfast_nogroup,
     "plain": setup_plain,
     "opacus": setup_opacus,
     "func": setup_func,

@@ -15,7 +15,10 @@ time of every op under a scope to one phase, so a layer's phases add up to its s
 * ``copies and casts``, ``allocation`` (``empty``/``zeros``/``fill_``), ``input checks``
   (``min``/``max``/``item`` of the group ids) -- inside the fused op;
 * ``removal effect`` -- the ablation statistic; ``dW`` -- the weight gradient summed from the
-  group sums; ``activation statistics`` -- the forward scope; ``other`` -- the rest.
+  group sums; ``deferred group sums`` -- copying the batch's rows into the deferred workspace,
+  and the per-group GEMMs of a flush when it fills (``spurfast.group_sums``; a flush run when
+  the sums are read falls outside every layer); ``activation statistics`` -- the forward scope;
+  ``other`` -- the rest.
 
 :func:`profile_model` also times plain and scoring steps back to back outside the profiler
 (their ratio), the plain weight-gradient product of every layer alone (what the fused op
@@ -39,7 +42,7 @@ import spurfast as sf
 __all__ = ["PHASES", "phase_times", "profile_model", "render"]
 
 PHASES = ("input grad", "GEMMs", "im2col", "fused reduction", "copies and casts", "allocation",
-          "input checks", "removal effect", "dW", "activation statistics", "other")
+          "input checks", "removal effect", "dW", "deferred group sums", "activation statistics", "other")
 _FUSED_OPS = ("spurfast::linear_grad_stats", "spurfast::conv2d_grad_stats")
 _COPIES = ("aten::to", "aten::_to_copy", "aten::contiguous", "aten::copy_", "aten::clone", "aten::index_select",
            "aten::reshape", "aten::view", "aten::transpose", "aten::narrow", "aten::slice", "aten::as_strided",
@@ -119,6 +122,8 @@ def phase_times(events, steps: int = 1) -> Dict[str, Dict[str, float]]:
                 _walk(child, scratch, False, False)
                 if child.name == "aten::sum" and after_fused:  # group_grad.sum(0), not the bias grad
                     scratch = {"dW": sum(scratch.values())}
+                elif child.name == "spurfast.group_sums":
+                    scratch = {"deferred group sums": sum(scratch.values())}
                 after_fused = after_fused or child.name in _FUSED_OPS
                 for k, v in scratch.items():
                     phases[k] = phases.get(k, 0.0) + v

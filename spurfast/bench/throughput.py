@@ -25,7 +25,10 @@ not, is *skipped* with the reason; a method that fails records its *error*; neit
 the run. Timing: per batch, median (and IQR) of CUDA-event timings after warm-up on GPU,
 ``time.perf_counter`` on CPU; ``budget_s`` cuts a slow method's repeats and
 ``time_limit_s`` skips what would start after it. Peak memory (GPU):
-``torch.cuda.max_memory_allocated``, reset before each method.
+``torch.cuda.max_memory_allocated``, reset before each method; (CPU) the resident-set growth
+during one call, measured for every method after all timings (:func:`cpu_memory_pass`).
+``pairs`` (CPU) also times spurfast against plain in alternating rounds (:func:`paired_ratios`):
+single-run ratios swing with the load of a shared machine, per-round ratios much less.
 
 Example::
 
@@ -41,6 +44,7 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import statistics
 import sys
 import time
 import warnings
@@ -59,12 +63,21 @@ from spurfast.bench.models import (
     tracked_layers,
 )
 from spurfast.bench.peers import ALL_METHODS, NUM_GROUPS, SETUPS, missing_peer
-from spurfast.bench.timing import median_iqr, time_calls
+from spurfast.bench.timing import (
+    PeakRSS,
+    default_large_allocations,
+    interleaved,
+    median_iqr,
+    mmap_large_allocations,
+    peak_rss_supported,
+    time_calls,
+)
 
 # Targets of the GPU issue for the spurfast scoring pass, relative to plain forward+backward.
 TIME_TARGET, MEM_TARGET = 1.15, 1.2
-ROW_FIELDS = ("time_ms_median", "time_ms_iqr", "samples_per_s", "peak_mem_bytes", "ratio_to_plain",
-              "mem_ratio_to_plain", "max_rel_err", "repeats", "wall_s", "skipped", "error")
+ROW_FIELDS = ("time_ms_median", "time_ms_iqr", "samples_per_s", "peak_mem_bytes", "peak_mem_kind", "stats_bytes",
+              "ratio_to_plain", "mem_ratio_to_plain", "max_rel_err", "repeats", "wall_s", "skipped", "error")
+PAIRED_METHODS = ("spurfast", "spurfast_nogroup")  # timed against plain in alternation when Settings.pairs > 0
 
 
 @dataclass
@@ -87,6 +100,8 @@ class Settings:
     time_limit_s: Optional[float] = None  # from the start: no model or method starts after this
     allow_standin: bool = False
     threads: Optional[int] = None  # torch.set_num_threads for the run (CPU), restored after; None: as set
+    pairs: int = 0  # CPU: rounds of plain and spurfast steps in alternation, for per-round ratios (0: none)
+    memory: bool = True  # CPU: the peak-memory pass after all timings (cpu_memory_pass)
     verbose: bool = False  # every row to stderr (one line per method is always printed)
     quick: bool = False
     batch_size_override: Optional[str] = None  # the --batch-size text, so that --merge refuses mixtures
@@ -106,6 +121,8 @@ class Settings:
         for name, b in self.batch_sizes.items():
             if b < 1:
                 raise ValueError(f"--batch-size must be positive, got {b} for {name}")
+        if self.pairs < 0:
+            raise ValueError(f"--pairs must be >= 0, got {self.pairs}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         for flag, v in (("--budget-s", self.budget_s), ("--time-limit-s", self.time_limit_s)):
@@ -179,6 +196,7 @@ def run_method(name: str, base_model, x, y, group_ids, device: torch.device,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             row["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(device))
+            row["peak_mem_kind"] = "cuda_max_allocated"
     except MissingDependency as exc:
         row["skipped"] = str(exc)
         grad_sq = None
@@ -190,6 +208,74 @@ def run_method(name: str, base_model, x, y, group_ids, device: torch.device,
         _free(device)
     row["wall_s"] = round(time.perf_counter() - start, 3)
     return row, grad_sq
+
+
+def cpu_memory_pass(settings: Settings, data: dict) -> None:
+    """CPU peak memory of every method that ran, after all timings: the resident-set growth
+    during one call (after one warm-up call on a fresh copy of the model), with glibc told to
+    serve every allocation of 64 KiB or more by mmap and return it at free, so that the growth
+    is the memory the call's tensors held, not what the heap kept from earlier calls. The
+    statistics' own memory (:attr:`NeuronStats.nbytes`) is recorded beside spurfast's rows."""
+    if not (peak_rss_supported() and mmap_large_allocations()):
+        return
+    try:
+        _memory_of_every_method(settings, data)
+    finally:
+        default_large_allocations()
+
+
+def _memory_of_every_method(settings: Settings, data: dict) -> None:
+    for model_name, entry in data["results"].items():
+        rows = {m: r for m, r in entry.get("methods", {}).items() if r.get("time_ms_median") is not None}
+        if not rows:
+            continue
+        torch.manual_seed(settings.seed)
+        base = prepare_model(build_model(model_name, settings.tiny, settings.allow_standin)[0])
+        x, y, group_ids = make_batch(model_name, settings.batch(model_name), settings.tiny, torch.device("cpu"),
+                                     settings.seed)
+        for method, row in rows.items():
+            model = copy.deepcopy(base)
+            try:
+                step, _ = SETUPS[method](model, x, y, group_ids, settings.spurfast_backend)
+                step()
+                with PeakRSS(True) as mem:
+                    step()
+                row["peak_mem_bytes"], row["peak_mem_kind"] = mem.delta_bytes, "cpu_rss_growth"
+                stats = getattr(step, "stats", None)
+                row["stats_bytes"] = None if stats is None else stats.nbytes
+            except Exception as exc:  # measured before, so this is the memory pass's own failure
+                row["error"] = f"memory pass: {error_string(exc)}"
+            finally:
+                del model
+                step = None
+                gc.collect()
+        plain = rows.get("plain")
+        for row in rows.values():
+            if plain and plain.get("peak_mem_bytes") and row.get("peak_mem_bytes") is not None:
+                row["mem_ratio_to_plain"] = row["peak_mem_bytes"] / plain["peak_mem_bytes"]
+        _log(f"[{model_name}] peak RSS growth: " + ", ".join(
+            f"{m} {r['peak_mem_bytes'] / 2**20:.0f} MiB" for m, r in rows.items() if r.get("peak_mem_bytes") is not None))
+
+
+def paired_ratios(base_model, x, y, group_ids, settings: Settings, methods) -> Dict[str, dict]:
+    """CPU: ``settings.pairs`` rounds of one plain step and one step of each of ``methods``
+    (order rotated every round), so that load from other processes lands on all of them alike;
+    per method the median and IQR of its per-round time over plain's in the same round."""
+    fns, models = {}, []
+    for name in ("plain",) + tuple(methods):
+        model = copy.deepcopy(base_model)
+        models.append(model)
+        fns[name] = SETUPS[name](model, x, y, group_ids, settings.spurfast_backend)[0]
+    times = interleaved(fns, repeats=settings.pairs, warmup=1)
+    plain = times["plain"]["runs_ms"]
+    out = {}
+    for name in methods:
+        ratios = sorted(t / p for t, p in zip(times[name]["runs_ms"], plain))
+        q1, q3 = (statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else (ratios[0], ratios[0]))
+        out[name] = {"ratio_median": statistics.median(ratios), "ratio_iqr": [q1, q3], "rounds": len(ratios),
+                     "plain_ms_median": times["plain"]["median_ms"], "ms_median": times[name]["median_ms"]}
+    del models, fns
+    return out
 
 
 def make_batch(model: str, batch: int, tiny: bool, device: torch.device, seed: int):
@@ -246,6 +332,17 @@ def run_model(model_name: str, device: torch.device, settings: Settings, deadlin
                     row["error"] = f"grad_sq comparison failed: {exc}"
         entry["methods"][method] = row
         _log(f"[{model_name}] {method}: " + (str(row) if settings.verbose else _row_line(row)))
+    paired = [m for m in PAIRED_METHODS if m in entry["methods"] and entry["methods"][m].get("time_ms_median")]
+    if settings.pairs and device.type == "cpu" and paired and entry["methods"].get("plain", {}).get("time_ms_median") \
+            and (deadline is None or time.perf_counter() < deadline):
+        try:
+            entry["paired"] = paired_ratios(base, x, y, group_ids, settings, paired)
+            _log(f"[{model_name}] paired: " + ", ".join(
+                f"{m} {r['ratio_median']:.2f}x [{r['ratio_iqr'][0]:.2f}-{r['ratio_iqr'][1]:.2f}]"
+                for m, r in entry["paired"].items()))
+        except Exception as exc:
+            entry["paired_error"] = error_string(exc)
+        _free(device)
     plain = entry["methods"].get("plain")
     for row in entry["methods"].values():
         if plain and plain.get("time_ms_median") and row.get("time_ms_median"):
@@ -323,6 +420,11 @@ def measure(settings: Settings, on_model: Optional[Callable[[dict], None]] = Non
                 data["summary"] = summarize_results(data)
                 if on_model is not None:
                     on_model(data)
+            if device.type == "cpu" and settings.memory:
+                cpu_memory_pass(settings, data)  # last: it changes how this process allocates while it runs
+                data["summary"] = summarize_results(data)
+                if on_model is not None:
+                    on_model(data)
     finally:
         set_tf32_flags(saved_tf32)
         torch.set_num_threads(saved_threads)
@@ -387,6 +489,15 @@ def render_table(data: dict) -> str:
                 f"{_fmt(mem / 2**20 if mem else None, ',.0f')} | {_fmt(r.get('ratio_to_plain'), '.3f')} | "
                 f"{_fmt(r.get('mem_ratio_to_plain'), '.3f')} | {_fmt(r.get('max_rel_err'), '.1e')} | {_note(note)} |"
             )
+    paired = {m: e["paired"] for m, e in results.items() if e.get("paired")}
+    if paired:
+        lines += ["", f"spurfast against plain in alternating rounds (median and IQR of the per-round ratio, "
+                      f"{s.get('pairs')} rounds):", "",
+                  "| model | B | method | plain ms | time × plain | IQR |", "|---|---:|---|---:|---:|---|"]
+        for model, rows in paired.items():
+            for method, r in rows.items():
+                lines.append(f"| {model} | {results[model].get('batch_size')} | {method} | {r['plain_ms_median']:.1f} | "
+                             f"{r['ratio_median']:.2f} | {r['ratio_iqr'][0]:.2f}–{r['ratio_iqr'][1]:.2f} |")
     walls = [f"{m} {e['wall_s']:.1f} s" for m, e in results.items() if e.get("wall_s") is not None]
     if walls:
         total = f" (run {data['wall_s']:.0f} s in all)" if data.get("wall_s") is not None else ""

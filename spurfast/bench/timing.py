@@ -4,6 +4,7 @@ quantile summaries, per-call peak RSS, and how busy the machine was (on a small 
 CPU a neighbour's process moves every number)."""
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import statistics
@@ -127,6 +128,27 @@ def peak_rss_supported() -> bool:
     except OSError:
         return False
     return _status_kib("VmHWM") is not None
+
+
+def mmap_large_allocations(threshold_bytes: int = 1 << 16) -> bool:
+    """Tell glibc to serve allocations of ``threshold_bytes`` or more by mmap and to give the
+    memory back at free (and to trim the heap top early), for this process from now on, so that
+    the resident set tracks the tensors alive. Returns False where this is not glibc. By
+    default glibc raises its mmap threshold after large frees and keeps freed memory in the
+    heap: a call that reuses it shows no growth at all."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, threshold_bytes)) and bool(mallopt(m_trim_threshold, threshold_bytes))
+
+
+def default_large_allocations() -> None:
+    """Undo :func:`mmap_large_allocations`: glibc's initial thresholds (128 KiB each; glibc no
+    longer raises them by itself once they were set)."""
+    mmap_large_allocations(128 * 1024)
 
 
 class PeakRSS:

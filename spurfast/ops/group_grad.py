@@ -19,8 +19,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from spurfast.ops._common import acc_dtype
-
 ConvArgs = Optional[Tuple[Sequence[int], Sequence[int], Sequence[int], int]]  # stride, padding, dilation, groups
 
 
@@ -98,6 +96,13 @@ class DeferredGroupGrad:
         self._g: Optional[torch.Tensor] = None  # [G, capacity, *row] per-group output-gradient rows
         self._filled: List[int] = [0] * out.shape[0]  # committed rows per group
         self._staged: List[int] = [0] * out.shape[0]  # rows after them, from the open batch
+
+    @property
+    def workspace_nbytes(self) -> int:
+        """Bytes of the workspace (0 before the first batch)."""
+        if self._x is None:
+            return 0
+        return self._x.numel() * self._x.element_size() + self._g.numel() * self._g.element_size()
 
     @property
     def pending_rows(self) -> int:

@@ -6,8 +6,9 @@ measurement is `spurfast.bench.profile` (its docstring names the phases and what
     python benchmarks/scoring_profile.py --render benchmarks/results/scoring_profile/scoring_profile.json
 
 Models: the MLP 3072-2048-2048-10 (batch 128) and the width-stack ResNet-18 of
-`benchmarks/cpu_backends.py` (batch 32), and torchvision's ResNet-18 (batch 32, 3x32x32) when
-torchvision is installed. Writes scoring_profile.json and scoring_profile.md into the run folder.
+`benchmarks/cpu_backends.py` (batch 32), torchvision's ResNet-18 and the CIFAR-style ResNet-18
+(batch 32, 3x32x32; torchvision-free stand-ins where torchvision is missing). Writes
+scoring_profile.json and scoring_profile.md into the run folder.
 """
 from __future__ import annotations
 
@@ -24,20 +25,19 @@ import torch.nn as nn
 from spurfast.bench import profile
 from spurfast.bench.cpu_backends import MLP, MODELS, NUM_CLASSES
 from spurfast.bench.environment import environment, write_json, write_text
+from spurfast.bench.models import build_model
 from spurfast.report.runs import new_run_dir
 
 
 def _models(quick: bool):
-    """``name -> (model factory, batch)``."""
+    """``name -> (model factory, batch)``: the MLP and the width stack of `benchmarks/cpu_backends.py`,
+    and the benchmark's torchvision and CIFAR-style ResNet-18 (their torchvision-free stand-ins
+    where torchvision is missing; the same modules and initialisation)."""
     if quick:
         return {"mlp_small": (lambda: MLP((3072, 256, 256, NUM_CLASSES)).eval(), 16)}
     models = {name: (factory, batch) for name, (factory, batch, _) in MODELS.items()}
-    try:
-        import torchvision
-
-        models["torchvision_resnet18"] = (lambda: torchvision.models.resnet18(num_classes=NUM_CLASSES).eval(), 32)
-    except ImportError:
-        pass
+    for name in ("resnet18", "resnet18_cifar"):
+        models[name] = (lambda name=name: build_model(name, allow_standin=True)[0].eval(), 32)
     return models
 
 

@@ -68,6 +68,18 @@ void reduce_products(const scalar_t* products, int64_t n, int64_t C, int64_t D,
   }
 }
 
+// One token per sample: grad_sq[n, c] = g[n, c]^2 * ||x_n||^2, one pass; g: [B, C], x_sq: [B].
+template <typename scalar_t>
+void rank_one_grad_sq(const scalar_t* g, const scalar_t* x_sq, int64_t B, int64_t C, scalar_t* grad_sq) {
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < B; ++n) {
+    const scalar_t* gn = g + n * C;
+    scalar_t* out = grad_sq + n * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[c] = gn[c] * gn[c] * x_sq[n];
+  }
+}
+
 // grad_sq[s, c] = sum_t kg[s, t, c] * g[s, t, c] for a chunk; kg, g: [n, T, C].
 template <typename scalar_t>
 void contract_gram(const scalar_t* kg, const scalar_t* g, int64_t n, int64_t T, int64_t C,
@@ -258,8 +270,11 @@ std::vector<at::Tensor> linear_grad_stats_cpu(const at::Tensor& x_in, const at::
 
   if (T == 1) {
     // Rank-one per-sample gradient: ||g_n[c] x_n||^2 = g_nc^2 ||x_n||^2.
-    const auto x2 = x.squeeze(1), g2 = g.squeeze(1);
-    grad_sq.copy_(g2.square() * x2.square().sum(1, true));
+    const auto x_sq = x.squeeze(1).square().sum(1).contiguous();  // [B]
+    AT_DISPATCH_FLOATING_TYPES(acc, "rank_one_grad_sq", [&] {
+      rank_one_grad_sq<scalar_t>(g.data_ptr<scalar_t>(), x_sq.data_ptr<scalar_t>(), B, C,
+                                 grad_sq.data_ptr<scalar_t>());
+    });
   } else {
     const int64_t step = chunk_samples(T * (T + C), kWorkspaceElements);
     for (int64_t s0 = 0; s0 < B; s0 += step) {

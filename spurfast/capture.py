@@ -561,11 +561,12 @@ class NeuronStats:
         )
         positions = out[0].numel() // layer.out_channels if out.shape[0] else 1
         if layer.name in batch.act_sum:
-            batch.act_sum[layer.name] += act * positions
+            # not in place: the first call's entry may be the op's output itself
+            batch.act_sum[layer.name] = batch.act_sum[layer.name] + act * positions
             batch.act_positions[layer.name] += positions
             batch.act_moments.pop(layer.name, None)  # recomputed from the combined means at exit
         else:
-            batch.act_sum[layer.name] = act * positions
+            batch.act_sum[layer.name] = act * positions if positions != 1 else act
             batch.act_positions[layer.name] = positions
             batch.act_moments[layer.name] = (count, mean, m2)
 
@@ -699,7 +700,8 @@ class NeuronStats:
 
     def _store_grad_stats(self, batch: _Batch, layer: _Layer, grad_sq, group_grad) -> None:
         scale = batch.grad_scale
-        batch.grad_sq[layer.name] = grad_sq.float() * (scale * scale)
+        # the ops return fresh tensors: scale in place
+        batch.grad_sq[layer.name] = grad_sq.float().mul_(scale * scale) if scale != 1.0 else grad_sq.float()
         if group_grad is not None:  # kept unscaled: the scale is applied while folding, in one pass
             batch.group_grad[layer.name] = group_grad.reshape((self.num_groups,) + tuple(layer.module.weight.shape))
         batch.grad_done.add(layer.name)
@@ -728,7 +730,8 @@ class NeuronStats:
         last_act: Dict[str, torch.Tensor] = {}
         moments = {}
         for name, act_sum in batch.act_sum.items():
-            act = (act_sum / batch.act_positions[name]).float()
+            positions = batch.act_positions[name]
+            act = (act_sum / positions if positions != 1 else act_sum).float()
             last_act[name] = act
             if name in batch.act_moments:
                 moments[name] = batch.act_moments[name]

@@ -21,6 +21,8 @@ sys.path.insert(0, str(ROOT))
 from spurfast.bench import cpu_backends  # noqa: E402
 from spurfast.bench import masked_step  # noqa: E402
 from spurfast.bench import profile as scoring_profile  # noqa: E402
+from spurfast.bench import sweep as batch_sweep  # noqa: E402
+from spurfast.bench import throughput  # noqa: E402
 from spurfast.experiments import example_tied  # noqa: E402
 from spurfast.report import localization as L  # noqa: E402
 from spurfast.report import rare as rare_report  # noqa: E402
@@ -63,6 +65,8 @@ TABLES = {
     "cpu_backends_layers": (_json("cpu_backends.json"), lambda r: cpu_backends.render_layers(r)),
     "masked_step": (_json("masked_step/masked_step.json"), lambda r: masked_step.render(r)),
     "scoring_profile": (_json("scoring_profile/scoring_profile.json"), lambda r: scoring_profile.render(r)),
+    "bench_cpu": (_json("bench_cpu/results.json"), lambda r: throughput.render_table(r)),
+    "batch_sweep": (_json("batch_sweep/batch_sweep.json"), lambda r: batch_sweep.render(r)),
     "example_tied": (_study("example_tied"), lambda r: example_tied.markdown_tables(r).strip()),
     "silent_majority_synth": (_study("silent_majority_synth"), lambda r: r["table_markdown"].split("\n\n")[0]),
     "rare_spurious": (_study("rare_spurious"), lambda r: rare_report.rare_markdown(r)),

@@ -2,10 +2,13 @@
 model's Linear/Conv layers during an ordinary forward/backward.
 
 How it works. Inside ``with stats.record(group_ids):`` each tracked layer runs through an
-autograd Function whose backward computes the layer's weight gradient *with* the fused op
-(``dW = group_grad.sum(0)``), so the statistics cost about what the weight gradient costs;
-input and bias gradients are computed as usual. Outside ``record`` the model is untouched:
-no hooks are registered and every layer runs its own ``forward``.
+autograd Function whose backward computes the layer's weight gradient *with* the fused op:
+from the per-sample products that also give ``grad_sq`` and the group sums (``direct``), or
+as one GEMM beside a cheaper ``grad_sq`` (rank-one Linear, ``gram``), the group sums then
+deferred to a bounded workspace (:class:`spurfast.ops.group_grad.DeferredGroupGrad`) and
+added when it fills or ``group_grad`` is read. Input and bias gradients are computed as
+usual. Outside ``record`` the model is untouched: no hooks are registered and every layer
+runs its own ``forward``.
 
 Semantics, per tracked layer and recorded batch of B samples:
 
@@ -45,10 +48,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spurfast._extension import warn_once
-from spurfast.ops._common import check_group_ids, reduce_per_sample_grad
+from spurfast.ops._common import acc_dtype, check_group_ids, choose_method, reduce_per_sample_grad, resolve_backend
 from spurfast.ops.ablation_stats import ablation_stats
 from spurfast.ops.activation_stats import activation_stats, merge_group_moments
-from spurfast.ops._common import acc_dtype, choose_method, resolve_backend
 from spurfast.ops.conv_grad_stats import conv2d_per_sample_grad, conv_grad_stats, conv_padding
 from spurfast.ops.group_grad import DeferredGroupGrad
 from spurfast.ops.linear_grad_stats import as_tokens, linear_grad_stats, linear_per_sample_grad

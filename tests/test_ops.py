@@ -496,3 +496,26 @@ def test_property_ablation_cpp_equals_torch(b, c, p, channels_last, with_bias, s
     want = ablation_stats(y, g, bias, channel_dim=dim, backend="torch")
     assert got.shape == want.shape == (b, c)
     assert got.numel() == 0 or rel_err(got, want) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("method", ["direct", "gram"])
+@pytest.mark.parametrize("kernel,padding,dilation,hw", [
+    ((3, 3), (1, 1), (1, 1), (7, 6)),
+    ((3, 2), (2, 0), (2, 1), (6, 9)),
+    ((1, 1), (0, 0), (1, 1), (1, 1)),
+    ((3, 3), (1, 1), (1, 1), (1, 1)),  # 1x1 maps, padded: only the centre tap sees data
+])
+def test_implicit_conv_path_matches_reference(kernel, padding, dilation, hw, method, has_ext):
+    """Stride-1 convs with >= 16 input channels take the im2col-free path (padded copy, one
+    batched GEMM per tap) for both methods; float64 against the per-sample definition."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 16, *hw, dtype=torch.float64)
+    weight_shape = (6, 16) + kernel
+    grad_out = torch.randn_like(F.conv2d(x, torch.zeros(weight_shape, dtype=torch.float64), None, 1, padding, dilation))
+    group_ids = torch.tensor([0, 2, 0, 2, 2])  # group 1 empty
+    got = conv_grad_stats(x, grad_out, weight_shape, 1, padding, dilation, 1, group_ids, 3,
+                                 backend="cpp", method=method)
+    want = conv_grad_stats_reference(x, grad_out, weight_shape, 1, padding, dilation, 1, group_ids, 3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert float(got[1][1].abs().max()) == 0.0

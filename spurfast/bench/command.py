@@ -79,6 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=int, default=None,
                         help="CPU: rounds of plain and spurfast steps in alternation, for per-round ratios "
                              "(default 20 on cpu, 3 with --quick, 0 on cuda)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="CPU: skip the peak-memory pass after the timings (a fresh process per model)")
     parser.add_argument("--spurfast-backend", default="auto", choices=SPURFAST_BACKENDS,
                         help="NeuronStats backend (auto: cpp on CPU, triton on CUDA)")
     parser.add_argument("--no-tf32", action="store_true", help="disallow TF32 (default: allowed for every method)")
@@ -120,6 +122,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         threads=pick("threads", 1 if quick and device == "cpu" else None),
         batch_size_override=None if batch_text is None else str(batch_text),
         pairs=pick("pairs", 0 if device == "cuda" else (3 if quick else 20)),
+        memory=device == "cpu" and not getattr(args, "no_memory", False),
         argv=getattr(args, "argv", None) or list(sys.argv),
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import re
 from pathlib import Path
@@ -51,7 +52,24 @@ def set_tf32_flags(flags: Tuple[bool, bool]) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
+    model = _cpu_model()
+    cores = os.cpu_count()
+    arch = platform.machine() or "cpu"
+    if model:
+        return f"{model}, {cores} cores ({arch})" if cores else f"{model} ({arch})"
+    return platform.processor() or arch
+
+
+def _cpu_model() -> Optional[str]:
+    """The CPU's model name from /proc/cpuinfo (Linux), else None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        return None
+    return None
 
 
 def slug(name: str) -> str:

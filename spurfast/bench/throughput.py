@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import multiprocessing
 import statistics
 import sys
 import time
@@ -65,7 +66,6 @@ from spurfast.bench.models import (
 from spurfast.bench.peers import ALL_METHODS, NUM_GROUPS, SETUPS, missing_peer
 from spurfast.bench.timing import (
     PeakRSS,
-    default_large_allocations,
     interleaved,
     median_iqr,
     mmap_large_allocations,
@@ -101,7 +101,7 @@ class Settings:
     allow_standin: bool = False
     threads: Optional[int] = None  # torch.set_num_threads for the run (CPU), restored after; None: as set
     pairs: int = 0  # CPU: rounds of plain and spurfast steps in alternation, for per-round ratios (0: none)
-    memory: bool = True  # CPU: the peak-memory pass after all timings (cpu_memory_pass)
+    memory: bool = False  # CPU: the peak-memory pass after all timings (cpu_memory_pass; a process per model)
     verbose: bool = False  # every row to stderr (one line per method is always printed)
     quick: bool = False
     batch_size_override: Optional[str] = None  # the --batch-size text, so that --merge refuses mixtures
@@ -211,50 +211,63 @@ def run_method(name: str, base_model, x, y, group_ids, device: torch.device,
 
 
 def cpu_memory_pass(settings: Settings, data: dict) -> None:
-    """CPU peak memory of every method that ran, after all timings: the resident-set growth
-    during one call (after one warm-up call on a fresh copy of the model), with glibc told to
-    serve every allocation of 64 KiB or more by mmap and return it at free, so that the growth
-    is the memory the call's tensors held, not what the heap kept from earlier calls. The
-    statistics' own memory (:attr:`NeuronStats.nbytes`) is recorded beside spurfast's rows."""
-    if not (peak_rss_supported() and mmap_large_allocations()):
+    """CPU peak memory of every method that ran, after all timings: per model, a fresh process
+    (spawned) in which glibc serves every allocation of 64 KiB or more by mmap and returns it
+    at free; there each method runs one warm-up call on a fresh copy of the model, then one
+    call whose resident-set growth is recorded, so that the growth is the memory that call's
+    tensors held, not what a heap kept from earlier calls (a long-lived process reuses freed
+    heap memory without growing). The statistics' own memory (:attr:`NeuronStats.nbytes`) is
+    recorded beside spurfast's rows."""
+    if not peak_rss_supported():
         return
-    try:
-        _memory_of_every_method(settings, data)
-    finally:
-        default_large_allocations()
-
-
-def _memory_of_every_method(settings: Settings, data: dict) -> None:
+    ctx = multiprocessing.get_context("spawn")
     for model_name, entry in data["results"].items():
         rows = {m: r for m, r in entry.get("methods", {}).items() if r.get("time_ms_median") is not None}
         if not rows:
             continue
-        torch.manual_seed(settings.seed)
-        base = prepare_model(build_model(model_name, settings.tiny, settings.allow_standin)[0])
-        x, y, group_ids = make_batch(model_name, settings.batch(model_name), settings.tiny, torch.device("cpu"),
-                                     settings.seed)
-        for method, row in rows.items():
-            model = copy.deepcopy(base)
-            try:
-                step, _ = SETUPS[method](model, x, y, group_ids, settings.spurfast_backend)
-                step()
-                with PeakRSS(True) as mem:
-                    step()
-                row["peak_mem_bytes"], row["peak_mem_kind"] = mem.delta_bytes, "cpu_rss_growth"
-                stats = getattr(step, "stats", None)
-                row["stats_bytes"] = None if stats is None else stats.nbytes
-            except Exception as exc:  # measured before, so this is the memory pass's own failure
-                row["error"] = f"memory pass: {error_string(exc)}"
-            finally:
-                del model
-                step = None
-                gc.collect()
+        with ctx.Pool(1) as pool:
+            measured = pool.apply(_memory_of_methods, (asdict(settings), model_name, list(rows)))
+        for method, (peak, stats_bytes, error) in measured.items():
+            row = rows[method]
+            if error is not None:
+                row["error"] = f"memory pass: {error}"
+                continue
+            row["peak_mem_bytes"], row["peak_mem_kind"], row["stats_bytes"] = peak, "cpu_rss_growth", stats_bytes
         plain = rows.get("plain")
         for row in rows.values():
             if plain and plain.get("peak_mem_bytes") and row.get("peak_mem_bytes") is not None:
                 row["mem_ratio_to_plain"] = row["peak_mem_bytes"] / plain["peak_mem_bytes"]
         _log(f"[{model_name}] peak RSS growth: " + ", ".join(
             f"{m} {r['peak_mem_bytes'] / 2**20:.0f} MiB" for m, r in rows.items() if r.get("peak_mem_bytes") is not None))
+
+
+def _memory_of_methods(settings_fields: dict, model_name: str, methods: List[str]) -> Dict[str, tuple]:
+    """In the spawned process: ``{method: (peak RSS growth bytes, NeuronStats.nbytes or None, error)}``."""
+    mmap_large_allocations()
+    settings = Settings(**{k: v for k, v in settings_fields.items()})
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    base = prepare_model(build_model(model_name, settings.tiny, settings.allow_standin)[0])
+    x, y, group_ids = make_batch(model_name, settings.batch(model_name), settings.tiny, torch.device("cpu"),
+                                 settings.seed)
+    out: Dict[str, tuple] = {}
+    for method in methods:
+        model = copy.deepcopy(base)
+        step = None
+        try:
+            step, _ = SETUPS[method](model, x, y, group_ids, settings.spurfast_backend)
+            step()
+            with PeakRSS(True) as mem:
+                step()
+            stats = getattr(step, "stats", None)
+            out[method] = (mem.delta_bytes, None if stats is None else stats.nbytes, None)
+        except Exception as exc:  # measured before, so this is the memory pass's own failure
+            out[method] = (None, None, error_string(exc))
+        finally:
+            del model, step
+            gc.collect()
+    return out
 
 
 def paired_ratios(base_model, x, y, group_ids, settings: Settings, methods) -> Dict[str, dict]:
@@ -421,7 +434,7 @@ def measure(settings: Settings, on_model: Optional[Callable[[dict], None]] = Non
                 if on_model is not None:
                     on_model(data)
             if device.type == "cpu" and settings.memory:
-                cpu_memory_pass(settings, data)  # last: it changes how this process allocates while it runs
+                cpu_memory_pass(settings, data)
                 data["summary"] = summarize_results(data)
                 if on_model is not None:
                     on_model(data)

@@ -145,12 +145,6 @@ def mmap_large_allocations(threshold_bytes: int = 1 << 16) -> bool:
     return bool(mallopt(m_mmap_threshold, threshold_bytes)) and bool(mallopt(m_trim_threshold, threshold_bytes))
 
 
-def default_large_allocations() -> None:
-    """Undo :func:`mmap_large_allocations`: glibc's initial thresholds (128 KiB each; glibc no
-    longer raises them by itself once they were set)."""
-    mmap_large_allocations(128 * 1024)
-
-
 class PeakRSS:
     """Peak resident memory of the process above its level at entry, in bytes, for one call.
     torch's CPU allocator hands large blocks straight back to the OS, so this tracks tensors."""

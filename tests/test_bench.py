@@ -247,14 +247,15 @@ def test_no_device_query_or_peer_import_at_import():
 
 
 def test_paired_rounds_give_per_round_ratios_and_a_table():
-    data = throughput.measure(_tiny(methods=("spurfast", "spurfast_nogroup", "plain"), pairs=3))
+    data = throughput.measure(_tiny(methods=("spurfast", "spurfast_nogroup", "plain"), pairs=3, memory=True))
     paired = data["results"]["mlp"]["paired"]
     assert set(paired) == {"spurfast", "spurfast_nogroup"}
     for row in paired.values():
         assert row["rounds"] == 3 and row["ratio_iqr"][0] <= row["ratio_median"] <= row["ratio_iqr"][1]
         assert row["ratio_median"] > 0 and row["plain_ms_median"] > 0
     assert "| mlp | 2 | spurfast_nogroup |" in throughput.render_table(data)
-    rows = data["results"]["mlp"]["methods"]
+    rows = data["results"]["mlp"]["methods"]  # the memory pass (a spawned process) filled these
     assert rows["spurfast"]["stats_bytes"] > rows["spurfast_nogroup"]["stats_bytes"] > 0  # group_grad's G x |W|
+    assert all(r["peak_mem_kind"] == "cpu_rss_growth" and r["peak_mem_bytes"] >= 0 for r in rows.values())
     with pytest.raises(ValueError, match="--pairs"):
         _tiny(pairs=-1)

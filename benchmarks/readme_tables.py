@@ -66,6 +66,7 @@ TABLES = {
     "masked_step": (_json("masked_step/masked_step.json"), lambda r: masked_step.render(r)),
     "scoring_profile": (_json("scoring_profile/scoring_profile.json"), lambda r: scoring_profile.render(r)),
     "bench_cpu": (_json("bench_cpu/results.json"), lambda r: throughput.render_table(r)),
+    "bench_cpu_targets": (_json("bench_cpu/results.json"), lambda r: throughput.render_cpu_targets(r)),
     "batch_sweep": (_json("batch_sweep/batch_sweep.json"), lambda r: batch_sweep.render(r)),
     "example_tied": (_study("example_tied"), lambda r: example_tied.markdown_tables(r).strip()),
     "silent_majority_synth": (_study("silent_majority_synth"), lambda r: r["table_markdown"].split("\n\n")[0]),

@@ -259,3 +259,15 @@ def test_paired_rounds_give_per_round_ratios_and_a_table():
     assert all(r["peak_mem_kind"] == "cpu_rss_growth" and r["peak_mem_bytes"] >= 0 for r in rows.values())
     with pytest.raises(ValueError, match="--pairs"):
         _tiny(pairs=-1)
+
+
+def test_cpu_targets_table_judges_time_and_memory():
+    mib = 2 ** 20
+    paired = {"spurfast": {"ratio_median": 1.4, "ratio_iqr": [1.3, 1.5]},
+              "spurfast_nogroup": {"ratio_median": 1.25, "ratio_iqr": [1.2, 1.3]}}
+    methods = {"plain": {"peak_mem_bytes": 100 * mib},
+               "spurfast": {"peak_mem_bytes": 105 * mib, "stats_bytes": 50 * mib, "sample_bytes": 0},  # 155 <= 165
+               "spurfast_nogroup": {"peak_mem_bytes": 130 * mib, "stats_bytes": 1 * mib, "sample_bytes": mib}}  # 131 > 112.2
+    table = throughput.render_cpu_targets({"results": {"mlp": {"batch_size": 128, "paired": paired, "methods": methods}}})
+    assert "| mlp | 128 | all | ≤ 1.5 | 1.40 [1.30–1.50] | met | 100 / 155 / 165 | met |" in table
+    assert "| mlp | 128 | all but group_grad | ≤ 1.2 | 1.25 [1.20–1.30] | missed | 100 / 131 / 112 | missed |" in table

@@ -76,7 +76,7 @@ from spurfast.bench.timing import (
 # Targets of the GPU issue for the spurfast scoring pass, relative to plain forward+backward.
 TIME_TARGET, MEM_TARGET = 1.15, 1.2
 ROW_FIELDS = ("time_ms_median", "time_ms_iqr", "samples_per_s", "peak_mem_bytes", "peak_mem_kind", "stats_bytes",
-              "ratio_to_plain", "mem_ratio_to_plain", "max_rel_err", "repeats", "wall_s", "skipped", "error")
+              "sample_bytes", "ratio_to_plain", "mem_ratio_to_plain", "max_rel_err", "repeats", "wall_s", "skipped", "error")
 PAIRED_METHODS = ("spurfast", "spurfast_nogroup")  # timed against plain in alternation when Settings.pairs > 0
 
 
@@ -227,12 +227,13 @@ def cpu_memory_pass(settings: Settings, data: dict) -> None:
             continue
         with ctx.Pool(1) as pool:
             measured = pool.apply(_memory_of_methods, (asdict(settings), model_name, list(rows)))
-        for method, (peak, stats_bytes, error) in measured.items():
+        for method, (peak, stats_bytes, sample_bytes, error) in measured.items():
             row = rows[method]
             if error is not None:
                 row["error"] = f"memory pass: {error}"
                 continue
-            row["peak_mem_bytes"], row["peak_mem_kind"], row["stats_bytes"] = peak, "cpu_rss_growth", stats_bytes
+            row.update(peak_mem_bytes=peak, peak_mem_kind="cpu_rss_growth", stats_bytes=stats_bytes,
+                       sample_bytes=sample_bytes)
         plain = rows.get("plain")
         for row in rows.values():
             if plain and plain.get("peak_mem_bytes") and row.get("peak_mem_bytes") is not None:
@@ -242,7 +243,8 @@ def cpu_memory_pass(settings: Settings, data: dict) -> None:
 
 
 def _memory_of_methods(settings_fields: dict, model_name: str, methods: List[str]) -> Dict[str, tuple]:
-    """In the spawned process: ``{method: (peak RSS growth bytes, NeuronStats.nbytes or None, error)}``."""
+    """In the spawned process: ``{method: (peak RSS growth bytes, NeuronStats.nbytes, bytes of one batch's
+    [B, C] statistics, error)}`` (None where not spurfast)."""
     mmap_large_allocations()
     settings = Settings(**{k: v for k, v in settings_fields.items()})
     if settings.threads is not None:
@@ -261,9 +263,13 @@ def _memory_of_methods(settings_fields: dict, model_name: str, methods: List[str
             with PeakRSS(True) as mem:
                 step()
             stats = getattr(step, "stats", None)
-            out[method] = (mem.delta_bytes, None if stats is None else stats.nbytes, None)
+            if stats is None:
+                out[method] = (mem.delta_bytes, None, None, None)
+            else:
+                per_sample = [t for table in (stats.last_grad_sq, stats.last_act, stats.last_ablation) for t in table.values()]
+                out[method] = (mem.delta_bytes, stats.nbytes, sum(t.numel() * t.element_size() for t in per_sample), None)
         except Exception as exc:  # measured before, so this is the memory pass's own failure
-            out[method] = (None, None, error_string(exc))
+            out[method] = (None, None, None, error_string(exc))
         finally:
             del model, step
             gc.collect()
@@ -520,6 +526,47 @@ def render_table(data: dict) -> str:
         lines += ["", "Stand-ins:", ""] + standins
     if skipped:
         lines += ["", "Skipped:", ""] + [f"* {', '.join(what)}: {reason}" for reason, what in skipped.items()]
+    return "\n".join(lines)
+
+
+#: issue 15's CPU targets: paired ratio to plain with every statistic on, and without group_grad
+CPU_TARGETS = {"mlp": (1.5, 1.2), "resnet18": (2.0, 1.2), "resnet18_cifar": (1.3, 1.2)}
+MEM_SLACK = 1.10  # spurfast's peak at most (plain's + the statistics' own memory) x this
+
+
+def render_cpu_targets(data: dict) -> str:
+    """Markdown: each CPU target against the paired ratio measured, and the memory rule: the
+    peak above the model and batch is plain's resident growth for plain, and for spurfast its
+    growth plus what the statistics hold (resident before the call); it may exceed plain's by
+    the statistics' own memory (``NeuronStats.nbytes``) and one more batch's ``[B, C]``
+    statistics (the new batch's, alive beside the last one's until it replaces them), plus
+    ``MEM_SLACK`` of all that."""
+    lines = ["| model | B | statistics | target (time × plain) | paired median [IQR] | time | "
+             "peak MiB: plain / spurfast incl. statistics / allowed | memory |", "|---|---:|---|---:|---:|---|---:|---|"]
+    results = data.get("results", {})
+    for model, entry in results.items():
+        paired = entry.get("paired") or {}
+        rows = entry.get("methods", {})
+        plain_mem = (rows.get("plain") or {}).get("peak_mem_bytes")
+        targets = CPU_TARGETS.get(model, (None, None))
+        for method, target, label in (("spurfast", targets[0], "all"), ("spurfast_nogroup", targets[1], "all but group_grad")):
+            r = paired.get(method)
+            row = rows.get(method) or {}
+            if r is None:
+                continue
+            ok = "–" if target is None else ("met" if r["ratio_median"] <= target else "missed")
+            mem = row.get("peak_mem_bytes")
+            stats = row.get("stats_bytes") or 0
+            if mem is None or plain_mem is None:
+                mem_text, mem_ok = "–", "–"
+            else:
+                total = mem + stats
+                allowed = MEM_SLACK * (plain_mem + stats + (row.get("sample_bytes") or 0))
+                mem_text = f"{plain_mem / 2**20:,.0f} / {total / 2**20:,.0f} / {allowed / 2**20:,.0f}"
+                mem_ok = "met" if total <= allowed else "missed"
+            lines.append(f"| {model} | {entry.get('batch_size')} | {label} | {'–' if target is None else f'≤ {target}'} | "
+                         f"{r['ratio_median']:.2f} [{r['ratio_iqr'][0]:.2f}–{r['ratio_iqr'][1]:.2f}] | {ok} | "
+                         f"{mem_text} | {mem_ok} |")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ DOCTEST_MODULES = [
     "spurfast.masks",
     "spurfast.ops.linear_grad_stats",
     "spurfast.ops.conv_grad_stats",
+    "spurfast.ops.group_grad",
     "spurfast.ops.activation_stats",
     "spurfast.ops.ablation_stats",
     "spurfast.ops.masked_step",

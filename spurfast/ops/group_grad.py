@@ -86,6 +86,18 @@ class DeferredGroupGrad:
     (a batch that failed); :meth:`flush` adds every committed row into ``out``, which is exact
     only after a flush. ``workspace_bytes`` bounds the workspace (it grows to one batch when a
     single batch is larger); 0 keeps no workspace: a commit adds the batch straight away.
+
+    Example::
+
+        >>> import torch
+        >>> out = torch.zeros(2, 3, 4)                      # [G, C, D]: a Linear(4, 3), 2 groups
+        >>> sums = DeferredGroupGrad(out, None, workspace_bytes=1 << 20)
+        >>> x, g, ids = torch.randn(5, 4), torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1])
+        >>> sums.stage(x, g, ids); sums.commit()
+        >>> float(out.abs().sum()), sums.pending_rows      # nothing added yet
+        (0.0, 5)
+        >>> torch.allclose(sums.flushed()[1], g[ids == 1].t() @ x[ids == 1])
+        True
     """
 
     def __init__(self, out: torch.Tensor, conv_args: ConvArgs, workspace_bytes: int):

@@ -117,13 +117,19 @@ def test_neuron_stats_group_grad_exact_with_deferral(build, shape, workspace, ha
         torch.testing.assert_close(got.grad_sq_sum[name], want.grad_sq_sum[name], rtol=1e-9, atol=1e-12)
 
 
-def test_deferred_rows_of_a_non_finite_batch_are_dropped(has_ext):
+def _mlp_after_one_batch():
+    """An MLP, a NeuronStats whose workspace never fills, and the batch it recorded once."""
     torch.manual_seed(0)
     model = _mlp()
     stats = sf.NeuronStats(model, num_groups=3, backend="cpp", group_grad_workspace=100.0)
     x, y, ids = torch.randn(6, 3, 2, 2), torch.randint(0, 4, (6,)), torch.arange(6) % 3
     with stats.record(ids):
         F.cross_entropy(model(x), y).backward()
+    return model, stats, x, y, ids
+
+
+def test_deferred_rows_of_a_non_finite_batch_are_dropped(has_ext):
+    model, stats, x, y, ids = _mlp_after_one_batch()
     before = {n: t.clone() for n, t in stats.group_grad.items()}
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
@@ -135,12 +141,7 @@ def test_deferred_rows_of_a_non_finite_batch_are_dropped(has_ext):
 
 
 def test_load_state_dict_discards_pending_rows(has_ext):
-    torch.manual_seed(0)
-    model = _mlp()
-    stats = sf.NeuronStats(model, num_groups=3, backend="cpp", group_grad_workspace=100.0)
-    x, y, ids = torch.randn(6, 3, 2, 2), torch.randint(0, 4, (6,)), torch.arange(6) % 3
-    with stats.record(ids):
-        F.cross_entropy(model(x), y).backward()
+    model, stats, x, y, ids = _mlp_after_one_batch()
     empty = sf.NeuronStats(model, num_groups=3, backend="cpp").state_dict()
     with stats.record(ids):
         F.cross_entropy(model(x), y).backward()

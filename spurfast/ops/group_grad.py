@@ -35,6 +35,14 @@ def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: Sequence
     return grad_w
 
 
+def _add_rows(out_g: torch.Tensor, rows_x: torch.Tensor, rows_g: torch.Tensor, conv_args: ConvArgs) -> None:
+    """``out_g += dW`` of one group's rows, straight into ``out_g`` for a Linear of its dtype."""
+    if conv_args is None and out_g.dtype == rows_x.dtype:
+        out_g.addmm_(rows_g.t(), rows_x)
+    else:
+        out_g.add_(_weight_grad(rows_x, rows_g, out_g.shape, conv_args).to(out_g.dtype))
+
+
 def accumulate_group_grad(
     out: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor, group_ids: torch.Tensor, conv_args: ConvArgs = None
 ) -> None:
@@ -49,7 +57,7 @@ def accumulate_group_grad(
     """
     if x.shape[0] == 0:
         return
-    num_groups, weight_shape = out.shape[0], out.shape[1:]
+    num_groups = out.shape[0]
     order = torch.argsort(group_ids, stable=True)
     counts = torch.bincount(group_ids, minlength=num_groups).tolist()
     whole = max(counts) == x.shape[0]  # one group holds every row: no gather
@@ -59,12 +67,8 @@ def accumulate_group_grad(
     for g, count in enumerate(counts):
         if count == 0:
             continue
-        rows_x, rows_g = xs.narrow(0, start, count), gs.narrow(0, start, count)
+        _add_rows(out[g], xs.narrow(0, start, count), gs.narrow(0, start, count), conv_args)
         start += count
-        if conv_args is None and out.dtype == x.dtype:
-            out[g].addmm_(rows_g.t(), rows_x)  # straight into the running sums
-        else:
-            out[g].add_(_weight_grad(rows_x, rows_g, weight_shape, conv_args).to(out.dtype))
 
 
 def accumulate_group_grad_reference(
@@ -182,11 +186,7 @@ class DeferredGroupGrad:
             return
         for g, (filled, staged) in enumerate(zip(self._filled, self._staged)):
             if filled:
-                rows_x, rows_g = self._x[g, :filled], self._g[g, :filled]
-                if self.conv_args is None and self.out.dtype == rows_x.dtype:
-                    self.out[g].addmm_(rows_g.t(), rows_x)  # straight into the running sums
-                else:
-                    self.out[g].add_(_weight_grad(rows_x, rows_g, self.out.shape[1:], self.conv_args).to(self.out.dtype))
+                _add_rows(self.out[g], self._x[g, :filled], self._g[g, :filled], self.conv_args)
             if filled and staged:
                 self._x[g, :staged] = self._x[g, filled:filled + staged].clone()
                 self._g[g, :staged] = self._g[g, filled:filled + staged].clone()

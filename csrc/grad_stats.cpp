@@ -396,6 +396,7 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
     return {grad_sq, group_grad.view({num_groups, Cout, Cin / groups, kh, kw})};
   }
 
+  // grad_sq from Gram matrices: built tap by tap (implicit) or from im2col patches.
   if (implicit) {
     const int64_t wide = grad_out_in.size(2) * (x_in.size(3) + 2 * padding[1]);
     const int64_t step = chunk_samples(wide * (wide + Cout) + Cin * wide * 2, kWorkspaceElements);
@@ -410,20 +411,21 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
                                 grad_sq.data_ptr<scalar_t>() + s0 * Cout);
       });
     }
-  }
-  const int64_t step = implicit ? B : chunk_samples(groups * L * (L + Kg + Cg), kWorkspaceElements);
-  for (int64_t s0 = 0; s0 < B && !implicit; s0 += step) {
-    const int64_t n = std::min(step, B - s0);
-    const auto u = patches_of(s0, n);                               // [n*groups, Kg, L]
-    const auto gram = at::bmm(u.transpose(1, 2), u);                // [n*groups, L, L]
-    const auto gt = grads_of(s0, n).transpose(1, 2).contiguous();   // [n*groups, L, Cg]
-    const auto kg = at::bmm(gram, gt).contiguous();                 // [n*groups, L, Cg]
-    auto sq = at::empty({n * groups, Cg}, x.options());
-    AT_DISPATCH_FLOATING_TYPES(acc, "contract_gram", [&] {
-      contract_gram<scalar_t>(kg.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(), n * groups, L, Cg,
-                              sq.data_ptr<scalar_t>());
-    });
-    grad_sq.narrow(0, s0, n).copy_(sq.view({n, Cout}));
+  } else {
+    const int64_t step = chunk_samples(groups * L * (L + Kg + Cg), kWorkspaceElements);
+    for (int64_t s0 = 0; s0 < B; s0 += step) {
+      const int64_t n = std::min(step, B - s0);
+      const auto u = patches_of(s0, n);                               // [n*groups, Kg, L]
+      const auto gram = at::bmm(u.transpose(1, 2), u);                // [n*groups, L, L]
+      const auto gt = grads_of(s0, n).transpose(1, 2).contiguous();   // [n*groups, L, Cg]
+      const auto kg = at::bmm(gram, gt).contiguous();                 // [n*groups, L, Cg]
+      auto sq = at::empty({n * groups, Cg}, x.options());
+      AT_DISPATCH_FLOATING_TYPES(acc, "contract_gram", [&] {
+        contract_gram<scalar_t>(kg.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(), n * groups, L, Cg,
+                                sq.data_ptr<scalar_t>());
+      });
+      grad_sq.narrow(0, s0, n).copy_(sq.view({n, Cout}));
+    }
   }
   // Group sums: the library's own weight-gradient kernel on each group's samples.
   const auto weight_shape = std::vector<int64_t>{Cout, Cin / groups, kh, kw};

@@ -640,7 +640,7 @@ class NeuronStats:
         deferrable = self.track_group_grad and self.group_grad_workspace > 0
         weight = layer.module.weight
         if conv_args is None:
-            tokens = x[0].numel() // x.shape[-1] if x.shape[0] else 1
+            tokens = _tokens_per_sample(x)
             if tokens == 1:
                 return "direct", deferrable
             method = choose_method(tokens, weight.shape[0], weight.shape[1], backend, group_sums=deferrable)
@@ -659,7 +659,7 @@ class NeuronStats:
             deferred = self._deferred[layer.name] = DeferredGroupGrad(out, conv_args, workspace)
         dtype = acc_dtype(x.dtype)
         if conv_args is None:  # rows are tokens: [B * T, D] and [B * T, C]
-            tokens = x[0].numel() // x.shape[-1] if x.shape[0] else 1
+            tokens = _tokens_per_sample(x)
             rows_x, rows_g = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
             row_ids = ids if tokens == 1 else ids.repeat_interleave(tokens)
         else:
@@ -770,6 +770,11 @@ class NeuronStats:
             )
         if last_act:
             self.last_act = last_act
+
+
+def _tokens_per_sample(x: torch.Tensor) -> int:
+    """T of a Linear input ``[B, *, D]`` (1 for ``[B, D]`` and for an empty batch)."""
+    return x[0].numel() // x.shape[-1] if x.shape[0] else 1
 
 
 def _all_finite(t: torch.Tensor) -> torch.Tensor:

@@ -234,10 +234,7 @@ def cpu_memory_pass(settings: Settings, data: dict) -> None:
                 continue
             row.update(peak_mem_bytes=peak, peak_mem_kind="cpu_rss_growth", stats_bytes=stats_bytes,
                        sample_bytes=sample_bytes)
-        plain = rows.get("plain")
-        for row in rows.values():
-            if plain and plain.get("peak_mem_bytes") and row.get("peak_mem_bytes") is not None:
-                row["mem_ratio_to_plain"] = row["peak_mem_bytes"] / plain["peak_mem_bytes"]
+        _ratios_to_plain(rows)
         _log(f"[{model_name}] peak RSS growth: " + ", ".join(
             f"{m} {r['peak_mem_bytes'] / 2**20:.0f} MiB" for m, r in rows.items() if r.get("peak_mem_bytes") is not None))
 
@@ -246,7 +243,7 @@ def _memory_of_methods(settings_fields: dict, model_name: str, methods: List[str
     """In the spawned process: ``{method: (peak RSS growth bytes, NeuronStats.nbytes, bytes of one batch's
     [B, C] statistics, error)}`` (None where not spurfast)."""
     mmap_large_allocations()
-    settings = Settings(**{k: v for k, v in settings_fields.items()})
+    settings = Settings(**settings_fields)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
@@ -362,16 +359,21 @@ def run_model(model_name: str, device: torch.device, settings: Settings, deadlin
         except Exception as exc:
             entry["paired_error"] = error_string(exc)
         _free(device)
-    plain = entry["methods"].get("plain")
-    for row in entry["methods"].values():
-        if plain and plain.get("time_ms_median") and row.get("time_ms_median"):
-            row["ratio_to_plain"] = row["time_ms_median"] / plain["time_ms_median"]
-        if plain and plain.get("peak_mem_bytes") and row.get("peak_mem_bytes"):
-            row["mem_ratio_to_plain"] = row["peak_mem_bytes"] / plain["peak_mem_bytes"]
+    _ratios_to_plain(entry["methods"])
     del base, x, y, group_ids, ref
     _free(device)
     entry["wall_s"] = round(time.perf_counter() - start, 3)
     return entry
+
+
+def _ratios_to_plain(rows: Dict[str, dict]) -> None:
+    """Each row's time and peak memory over plain's, where both were measured."""
+    plain = rows.get("plain")
+    for row in rows.values():
+        if plain and plain.get("time_ms_median") and row.get("time_ms_median"):
+            row["ratio_to_plain"] = row["time_ms_median"] / plain["time_ms_median"]
+        if plain and plain.get("peak_mem_bytes") and row.get("peak_mem_bytes") is not None:
+            row["mem_ratio_to_plain"] = row["peak_mem_bytes"] / plain["peak_mem_bytes"]
 
 
 def _row_line(row: dict) -> str:

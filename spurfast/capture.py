@@ -458,28 +458,19 @@ class NeuronStats:
         batch = _Batch(group_ids, self.num_groups, grad_scale)
         self._batch = batch
         patched = []
+        folded = False
         try:
             for layer in self._layers.values():
                 forward = self._make_forward(layer, batch)
                 layer.module.forward = forward
                 patched.append((layer.module, forward))
-            yield self
-        except BaseException:
-            batch.closed = True
-            for deferred in batch.staged:
-                deferred.rollback()
-            raise
-        else:
-            batch.closed = True
             try:
-                with torch.profiler.record_function("spurfast.fold"):  # batch -> running statistics
-                    self._fold(batch)
-            except BaseException:
-                for deferred in batch.staged:
-                    deferred.rollback()
-                raise
-            for deferred in batch.staged:
-                deferred.commit()
+                yield self
+            finally:
+                batch.closed = True
+            with torch.profiler.record_function("spurfast.fold"):  # batch -> running statistics
+                self._fold(batch)
+            folded = True
             if batch.forward_calls == 0:
                 warnings.warn(
                     "spurfast: no tracked layer ran a forward inside record(), so nothing was recorded for "
@@ -489,6 +480,11 @@ class NeuronStats:
                     stacklevel=3,
                 )
         finally:
+            for deferred in batch.staged:  # the deferred group sums keep a batch's rows only if it was folded
+                if folded:
+                    deferred.commit()
+                else:
+                    deferred.rollback()
             for module, forward in patched:
                 if vars(module).get("forward") is forward:  # leave anything but our own forward alone
                     del module.forward

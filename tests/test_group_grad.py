@@ -10,6 +10,7 @@ from spurfast.ops.group_grad import DeferredGroupGrad, accumulate_group_grad, ac
 CONV_CASES = [  # (x shape, weight shape, stride, padding, dilation, groups)
     ((5, 3, 7, 6), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),
     ((4, 4, 9, 8), (6, 2, 3, 2), (2, 1), (1, 0), (1, 2), 2),
+    ((5, 3, 1, 2), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),  # rows past the 1-row map: only the live taps get sums
 ]
 
 
@@ -24,7 +25,7 @@ def _conv_rows(n, case, dtype=torch.float64):
     return x, torch.randn_like(out)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv0", "conv1"])
+@pytest.mark.parametrize("kind", ["linear", "conv0", "conv1", "conv2"])
 def test_accumulate_matches_per_sample_reference(kind):
     torch.manual_seed(0)
     if kind == "linear":

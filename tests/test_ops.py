@@ -18,7 +18,7 @@ from spurfast.ops import (
     linear_grad_stats_reference,
     merge_group_moments,
 )
-from spurfast.ops._common import choose_method, interpreting, triton_importable
+from spurfast.ops._common import choose_method, interpreting, live_window, triton_importable
 
 from _helpers import TOL, rel_err
 
@@ -519,3 +519,81 @@ def test_implicit_conv_path_matches_reference(kernel, padding, dilation, hw, met
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert float(got[1][1].abs().max()) == 0.0
+
+
+@given(
+    size=st.integers(1, 6), kernel=st.integers(1, 5), stride=st.integers(1, 3), padding=st.integers(0, 4),
+    dilation=st.integers(1, 3),
+)
+def test_live_window_keeps_exactly_the_taps_that_read_input(size, kernel, stride, padding, dilation):
+    """Against brute force: a trimmed dim keeps every tap that reads the input at some output
+    position, and the trimmed 1-D conv equals the full one."""
+    out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    if out < 1:
+        return
+    live = [i for i in range(kernel)
+            if any(0 <= o * stride + i * dilation - padding < size for o in range(out))]
+    window = live_window((size,), (out,), (kernel,), (stride,), (padding,), (dilation,))
+    if window is None:
+        return
+    (lo, hi), = window
+    assert live and (lo, hi) == (live[0], live[-1] + 1) != (0, kernel)
+    x, w = torch.randn(2, 3, size, dtype=torch.float64), torch.randn(4, 3, kernel, dtype=torch.float64)
+    full = F.conv1d(x, w, None, stride, padding, dilation)
+    trimmed = F.conv1d(x, w[:, :, lo:hi], None, stride, padding - lo * dilation, dilation)
+    torch.testing.assert_close(trimmed, full, rtol=1e-12, atol=1e-12)
+
+
+DEAD_TAP_CASES = [  # (B, Cin, Cout, spatial, kernel, stride, padding, dilation, groups): some taps read only padding
+    (5, 16, 6, (1, 1), (3, 3), (1, 1), (1, 1), (1, 1), 1),  # a 3x3 conv on a 1x1 map: a Linear of one token
+    (5, 16, 6, (2, 2), (3, 3), (2, 2), (1, 1), (1, 1), 1),  # ResNet's stride-2 conv on a 2x2 map: 2x2 taps live
+    (4, 4, 6, (1, 5), (3, 3), (1, 1), (1, 1), (1, 1), 2),  # rows trimmed only, grouped
+    (4, 3, 5, (2, 3), (3, 3), (1, 1), (2, 2), (2, 1), 1),  # dilated rows: the window keeps the centre
+    (4, 3, 5, (2,), (5,), (1,), (2,), (1,), 1),  # Conv1d: the outer taps never reach the 2 positions
+]
+
+
+@pytest.mark.parametrize("case", DEAD_TAP_CASES)
+@pytest.mark.parametrize("method", ["direct", "gram"])
+def test_dead_tap_convs_match_torch_func(case, method, has_ext):
+    """Convs whose padded kernel reaches past the input at every position run on the live
+    window; float64 against torch.func, taps outside the window exactly zero."""
+    b, cin, cout, spatial, kernel, stride, padding, dilation, groups = case
+    assert live_window(spatial, _conv_out(spatial, kernel, stride, padding, dilation), kernel, stride, padding,
+                       dilation) is not None
+    torch.manual_seed(3)
+    weight_shape = (cout, cin // groups) + kernel
+    x = torch.randn((b, cin) + spatial, dtype=torch.float64)
+    conv = F.conv1d if len(spatial) == 1 else F.conv2d
+    g = torch.randn_like(conv(x, torch.zeros(weight_shape, dtype=torch.float64), None, stride, padding, dilation, groups))
+    group_ids = torch.tensor([0, 2, 0, 2, 2][:b])  # group 1 empty
+    want_sq, want_gg = _expected(_func_conv(x, g, weight_shape, stride, padding, dilation, groups), group_ids, 3)
+    grad_sq, group_grad = conv_grad_stats(x, g, weight_shape, stride, padding, dilation, groups, group_ids, 3,
+                                          backend="cpp", method=method)
+    assert group_grad.shape == (3,) + weight_shape
+    torch.testing.assert_close(grad_sq, want_sq, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(group_grad, want_gg, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", DEAD_TAP_CASES[:2])
+def test_dead_tap_convs_on_triton_match_torch_func(case, triton_interpreter):
+    if not (interpreting() and triton_importable()):
+        pytest.skip("runs the Triton kernels on CPU through the interpreter; test_triton.py covers CUDA")
+    b, cin, cout, spatial, kernel, stride, padding, dilation, groups = case
+    torch.manual_seed(4)
+    weight_shape = (cout, cin // groups) + kernel
+    xf = torch.randn((b, cin) + spatial)
+    gf = torch.randn_like(F.conv2d(xf, torch.zeros(weight_shape), None, stride, padding, dilation, groups))
+    group_ids = torch.tensor([0, 2, 0, 2, 2][:b])
+    want_sq, want_gg = _expected(
+        _func_conv(xf.double(), gf.double(), weight_shape, stride, padding, dilation, groups), group_ids, 3)
+    for method in ("direct", "gram"):
+        grad_sq, group_grad = conv_grad_stats(xf, gf, weight_shape, stride, padding, dilation, groups, group_ids, 3,
+                                              backend="triton", method=method)
+        assert rel_err(grad_sq, want_sq) < TOL[torch.float32]
+        assert rel_err(group_grad, want_gg) < TOL[torch.float32]
+
+
+def _conv_out(spatial, kernel, stride, padding, dilation):
+    return tuple((s + 2 * p - d * (k - 1) - 1) // st_ + 1
+                 for s, k, st_, p, d in zip(spatial, kernel, stride, padding, dilation))

@@ -1,6 +1,7 @@
 """Helpers shared by the ops: input validation, backend choice, the path cost model."""
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Optional, Tuple
@@ -177,6 +178,35 @@ def choose_method(tokens: int, out_features: int, in_features: int, backend: str
     gram = t * t * (d + c) + t * c * d * (2 if group_sums else 1)
     return "gram" if gram < direct else "direct"
 
+
+def live_window(in_size, out_size, kernel, stride, padding, dilation) -> Optional[Tuple[Tuple[int, int], ...]]:
+    """Per spatial dim, the half-open range ``(lo, hi)`` of kernel taps that read the input at
+    some output position, when that drops a tap in some dim; else None.
+
+    On a small map most of a padded kernel can fall outside the input at every position (a
+    3x3 conv on a 1x1 map: 8 of 9 taps read only padding). The window keeps the same output
+    positions with padding ``p - lo * dilation``, so a dim is trimmed only where that padding
+    is >= 0 and gives the same output size.
+    """
+    return _live_window(tuple(in_size), tuple(out_size), tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
+
+
+@functools.lru_cache(maxsize=256)
+def _live_window(in_size, out_size, kernel, stride, padding, dilation):
+    window = []
+    for size, out, k, s, p, d in zip(in_size, out_size, kernel, stride, padding, dilation):
+        live = []
+        for i in range(k):
+            first = max(0, -((i * d - p) // s))  # the first output position reading index >= 0
+            if first < out and first * s + i * d - p < size:
+                live.append(i)
+        lo, hi = (live[0], live[-1] + 1) if live else (0, k)
+        live_padding = p - lo * d
+        if live_padding < 0 or (size + 2 * live_padding - d * (hi - lo - 1) - 1) // s + 1 != out:
+            lo, hi = 0, k
+        window.append((lo, hi))
+    trimmed = any(w != (0, k) for w, k in zip(window, kernel))
+    return tuple(window) if trimmed else None
 
 def check_method(method: str) -> None:
     if method not in METHODS:

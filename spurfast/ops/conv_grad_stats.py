@@ -25,6 +25,7 @@ from spurfast.ops._common import (
     check_group_ids,
     check_method,
     choose_method,
+    live_window,
     pair,
     reduce_per_sample_grad,
     resolve_backend,
@@ -231,13 +232,40 @@ def conv_grad_stats(
             x4, g4, kernel, stride, padding, dilation, groups, group_ids, num_groups
         )
     else:
-        if method == "auto":
-            positions = g4.shape[2] * g4.shape[3]
-            method = choose_method(positions, out_channels // groups, in_per_group * kernel[0] * kernel[1], backend,
-                                   linear=False)
-        args = (x4, g4, list(kernel), list(stride), list(padding), list(dilation), groups, group_ids, num_groups, method)
-        if backend == "triton" and x.device.type == "cpu":  # the interpreter: call the kernels directly
-            grad_sq, group_grad = _conv2d_grad_stats_triton(*args)
+        window = live_window(x4.shape[2:], g4.shape[2:], kernel, stride, padding, dilation)
+        if window is None:
+            grad_sq, group_grad = _conv2d_grad_stats_kernel(
+                x4, g4, kernel, stride, padding, dilation, groups, group_ids, num_groups, backend, method
+            )
         else:
-            grad_sq, group_grad = torch.ops.spurfast.conv2d_grad_stats(*args)
+            # Taps that read only padding add nothing: work on the live window, zeros elsewhere.
+            (lo_h, hi_h), (lo_w, hi_w) = window
+            live_kernel = (hi_h - lo_h, hi_w - lo_w)
+            live_padding = (padding[0] - lo_h * dilation[0], padding[1] - lo_w * dilation[1])
+            grad_sq, live = _conv2d_grad_stats_kernel(
+                x4, g4, live_kernel, stride, live_padding, dilation, groups, group_ids, num_groups, backend, method
+            )
+            group_grad = live.new_zeros((num_groups, out_channels, in_per_group) + kernel)
+            group_grad[:, :, :, lo_h:hi_h, lo_w:hi_w] = live.view(group_grad[:, :, :, lo_h:hi_h, lo_w:hi_w].shape)
     return grad_sq, group_grad.reshape((num_groups,) + weight_shape)
+
+
+def _conv2d_grad_stats_kernel(x4, g4, kernel, stride, padding, dilation, groups, group_ids, num_groups, backend, method):
+    """The compiled op on 4-D inputs; a conv whose window covers its whole unpadded input at
+    one output position is a Linear of one token (rank one: no product, dW by one GEMM)."""
+    batch, out_channels = g4.shape[:2]
+    if (groups == 1 and tuple(g4.shape[2:]) == (1, 1) and tuple(padding) == (0, 0) and tuple(dilation) == (1, 1)
+            and tuple(kernel) == tuple(x4.shape[2:]) and backend == "cpp"):
+        grad_sq, group_grad = torch.ops.spurfast.linear_grad_stats(
+            x4.reshape(batch, 1, -1), g4.reshape(batch, 1, out_channels), group_ids, num_groups, "direct"
+        )
+        return grad_sq, group_grad
+    if method == "auto":
+        positions = g4.shape[2] * g4.shape[3]
+        method = choose_method(positions, out_channels // groups, x4.shape[1] // groups * kernel[0] * kernel[1],
+                               backend, linear=False)
+    args = (x4, g4, list(kernel), list(stride), list(padding), list(dilation), groups, group_ids, num_groups, method)
+    if backend == "triton" and x4.device.type == "cpu":  # the interpreter: call the kernels directly
+        return _conv2d_grad_stats_triton(*args)
+    return torch.ops.spurfast.conv2d_grad_stats(*args)
+

@@ -19,6 +19,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from spurfast.ops._common import live_window
+
 ConvArgs = Optional[Tuple[Sequence[int], Sequence[int], Sequence[int], int]]  # stride, padding, dilation, groups
 
 
@@ -39,8 +41,16 @@ def _add_rows(out_g: torch.Tensor, rows_x: torch.Tensor, rows_g: torch.Tensor, c
     """``out_g += dW`` of one group's rows, straight into ``out_g`` for a Linear of its dtype."""
     if conv_args is None and out_g.dtype == rows_x.dtype:
         out_g.addmm_(rows_g.t(), rows_x)
-    else:
-        out_g.add_(_weight_grad(rows_x, rows_g, out_g.shape, conv_args).to(out_g.dtype))
+        return
+    if conv_args is not None:
+        stride, padding, dilation, groups = conv_args
+        kernel = tuple(out_g.shape[2:])
+        window = live_window(rows_x.shape[2:], rows_g.shape[2:], kernel, stride, padding, dilation)
+        if window is not None:  # taps that read only padding get nothing: skip them
+            live = (slice(None), slice(None)) + tuple(slice(lo, hi) for lo, hi in window)
+            live_padding = tuple(p - lo * d for p, (lo, _), d in zip(padding, window, dilation))
+            out_g, conv_args = out_g[live], (stride, live_padding, dilation, groups)
+    out_g.add_(_weight_grad(rows_x, rows_g, out_g.shape, conv_args).to(out_g.dtype))
 
 
 def accumulate_group_grad(

@@ -18,6 +18,7 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor&, const at::Tenso
                                               const std::string&);
 std::vector<at::Tensor> activation_stats_cpu(const at::Tensor&, const at::Tensor&, int64_t, bool);
 at::Tensor ablation_stats_cpu(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, bool);
+at::Tensor group_row_sums_cpu(const at::Tensor&, const at::Tensor&, int64_t);
 void masked_adam_step_cpu(const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
                           const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
                           const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
@@ -48,6 +49,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "per-sample channel means and their per-group moments (CPU)");
   m.def("ablation_stats", &spurfast::ablation_stats_cpu,
         "first-order effect [B, C] of zeroing each weight row, from the output and its gradient (CPU)");
+  m.def("group_row_sums", &spurfast::group_row_sums_cpu,
+        "per-group float64 sums [G, C] of the rows of a [B, C] table (CPU)");
   m.def("masked_adam_step", &spurfast::masked_adam_step_cpu,
         "fused multi-tensor Adam/AdamW step of the active rows, per-row step counts (CPU)");
   m.def("masked_sgd_step", &spurfast::masked_sgd_step_cpu,

@@ -53,6 +53,7 @@ from spurfast.ops.ablation_stats import ablation_stats
 from spurfast.ops.activation_stats import activation_stats, merge_group_moments
 from spurfast.ops.conv_grad_stats import conv2d_per_sample_grad, conv_grad_stats, conv_padding
 from spurfast.ops.group_grad import DeferredGroupGrad
+from spurfast.ops.group_row_sums import group_row_sums
 from spurfast.ops.linear_grad_stats import as_tokens, linear_grad_stats, linear_per_sample_grad
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -738,9 +739,15 @@ class NeuronStats:
                     act.unsqueeze(-1), batch.ids_on(act.device), self.num_groups, backend=self.backend, check_inputs=False
                 )
                 moments[name] = (count, mean, m2)
-        checked = list(last_grad_sq.items()) + list(last_act.items()) + list(last_ablation.items())
-        finite = [_all_finite(t) for _, t in checked]
+        # Per-group float64 sums of the per-sample tables, read once; a NaN/Inf anywhere in a
+        # table leaves its group's sum non-finite, so the sums double as the finiteness check.
+        sums = {table: {n: group_row_sums(t, batch.ids_on(t.device), self.num_groups, backend=self.backend,
+                                          check_inputs=False) for n, t in tables.items()}
+                for table, tables in (("grad_sq", last_grad_sq), ("ablation", ablation_full))}
+        finite = [_all_finite(t) for table in sums.values() for t in table.values()]
+        finite += [_all_finite(t) for t in last_act.values()]
         if finite and not bool(torch.stack([f.cpu() for f in finite]).all()):
+            checked = list(last_grad_sq.items()) + list(last_act.items()) + list(last_ablation.items())
             bad = [n for n, t in checked if not bool(torch.isfinite(t).all())]
             raise FloatingPointError(
                 f"non-finite statistics (NaN/Inf in the activations or gradients) in layers {sorted(set(bad))}; "
@@ -748,13 +755,12 @@ class NeuronStats:
             )
         if any_grad:
             counts = torch.bincount(batch.group_ids.cpu(), minlength=self.num_groups)
-            for name, grad_sq in last_grad_sq.items():
-                ids = batch.ids_on(grad_sq.device)
-                self.grad_sq_sum[name].index_add_(0, ids, grad_sq.double())
+            for name, grad_sq_sum in sums["grad_sq"].items():
+                self.grad_sq_sum[name].add_(grad_sq_sum)
                 if self.track_group_grad and name in batch.group_grad:
                     self._group_grad[name].add_(batch.group_grad[name], alpha=batch.grad_scale)
-            for name, ablation in ablation_full.items():
-                self.ablation_sum[name].index_add_(0, batch.ids_on(ablation.device), ablation.double())
+            for name, ablation_sum in sums["ablation"].items():
+                self.ablation_sum[name].add_(ablation_sum)
             self.group_count += counts
             self.last_grad_sq = last_grad_sq
             if self.track_ablation:

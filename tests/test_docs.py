@@ -19,6 +19,7 @@ DOCTEST_MODULES = [
     "spurfast.ops.linear_grad_stats",
     "spurfast.ops.conv_grad_stats",
     "spurfast.ops.group_grad",
+    "spurfast.ops.group_row_sums",
     "spurfast.ops.activation_stats",
     "spurfast.ops.ablation_stats",
     "spurfast.ops.masked_step",

@@ -169,3 +169,27 @@ def test_nbytes_counts_the_tables_and_the_workspace(has_ext):
         F.cross_entropy(model(x), y).backward()
     workspace = sum(d.workspace_nbytes for d in stats._deferred.values())
     assert workspace > 0 and stats.nbytes >= before + workspace
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(0, 5), (7, 1), (37, 1100), (5, 0)])
+def test_group_row_sums_match_reference(shape, dtype, has_ext):
+    torch.manual_seed(0)
+    values = torch.randn(shape, dtype=dtype)
+    ids = torch.randint(0, 3, (shape[0],))
+    ids[:1] = 3  # group 3 holds row 0 only; group 4 stays empty
+    got = sf.ops.group_row_sums(values, ids, 5, backend="cpp")
+    want = sf.ops.group_row_sums_reference(values, ids, 5)
+    assert got.dtype == torch.float64 and got.shape == (5, shape[1])
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-12)
+    assert float(got[4].abs().sum()) == 0.0
+
+
+def test_group_row_sums_reject_bad_input_before_writing(has_ext):
+    values, ids = torch.randn(4, 3), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="group_ids must lie in"):
+        sf.ops.group_row_sums(values, ids, 3)
+    with pytest.raises(RuntimeError, match="group_ids must lie in"):  # the kernel checks too
+        sf.ops.group_row_sums(values, ids, 3, backend="cpp", check_inputs=False)
+    with pytest.raises(ValueError, match="values must be 2-D"):
+        sf.ops.group_row_sums(values[0], ids[:1], 3)

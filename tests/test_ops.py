@@ -351,6 +351,7 @@ def test_opcheck(has_ext):
         )
     torch.library.opcheck(torch.ops.spurfast.activation_stats.default, (torch.randn(4, 3, 7), ids, 2, False))
     torch.library.opcheck(torch.ops.spurfast.activation_stats.default, (torch.randn(4, 7, 3), ids, 2, True))
+    torch.library.opcheck(torch.ops.spurfast.group_row_sums.default, (torch.randn(4, 7), ids, 3))
 
 
 # ---------------------------------------------------------------- bad input

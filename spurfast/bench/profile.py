@@ -49,7 +49,7 @@ _COPIES = ("aten::to", "aten::_to_copy", "aten::contiguous", "aten::copy_", "ate
            "aten::t", "aten::permute", "aten::expand")
 _ALLOCATION = ("aten::empty", "aten::zeros", "aten::zero_", "aten::fill_", "aten::empty_strided", "aten::empty_like")
 _CHECKS = ("aten::min", "aten::max", "aten::item", "aten::aminmax", "aten::_local_scalar_dense", "aten::bincount")
-_GEMMS = ("aten::bmm", "aten::mm", "aten::addmm", "aten::matmul", "aten::baddbmm", "aten::mm_out",
+_GEMMS = ("aten::bmm", "aten::mm", "aten::addmm", "aten::matmul", "aten::baddbmm", "aten::baddbmm_", "aten::mm_out",
           "aten::convolution_backward", "aten::mkldnn_convolution_backward_weights")
 
 

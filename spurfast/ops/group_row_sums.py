@@ -14,6 +14,26 @@ import torch
 
 from spurfast._extension import require_extension
 from spurfast.ops._common import check_floating, check_group_ids, resolve_backend
+from spurfast.ops._library import lib, register_fake
+
+lib.define("group_row_sums(Tensor values, Tensor group_ids, int num_groups) -> Tensor")
+
+
+def _group_row_sums_cpu(values, group_ids, num_groups):
+    return require_extension("cpp").group_row_sums(values, group_ids, num_groups)
+
+
+def _group_row_sums_cuda(values, group_ids, num_groups):
+    return group_row_sums_reference(values, group_ids, num_groups)
+
+
+lib.impl("group_row_sums", _group_row_sums_cpu, "CPU")
+lib.impl("group_row_sums", _group_row_sums_cuda, "CUDA")
+
+
+@register_fake("spurfast::group_row_sums")
+def _group_row_sums_fake(values, group_ids, num_groups):
+    return values.new_empty((num_groups, values.shape[1]), dtype=torch.float64)
 
 
 def group_row_sums_reference(values: torch.Tensor, group_ids: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -51,5 +71,5 @@ def group_row_sums(
     # float64 tables use the kernel too: the sums are float64 either way
     backend = resolve_backend(backend, values.device, torch.float32 if backend == "auto" else values.dtype)
     if backend == "cpp" and values.dtype in (torch.float32, torch.float64):
-        return require_extension("cpp").group_row_sums(values, group_ids, num_groups)
+        return torch.ops.spurfast.group_row_sums(values, group_ids, num_groups)
     return group_row_sums_reference(values, group_ids, num_groups)

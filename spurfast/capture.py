@@ -38,6 +38,7 @@ Semantics, per tracked layer and recorded batch of B samples:
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 import weakref
 from collections import OrderedDict
@@ -178,6 +179,8 @@ class NeuronStats:
         layers: names or modules to track; default every supported layer whose weight
             requires grad. Children of ``nn.MultiheadAttention`` (``out_proj``) are skipped by
             default and rejected when named: it uses their weights without calling them.
+            Modules holding weights that are not tracked are listed in ``untracked`` (name ->
+            reason); the default selection warns, naming them, when any of them gets gradients.
         track_group_grad: keep ``group_grad`` (``G * |W|`` memory per layer).
         track_activations: keep activation statistics.
         track_ablation: keep the first-order ablation statistic (``last_ablation``,
@@ -233,8 +236,21 @@ class NeuronStats:
                 or not group_grad_workspace >= 0:
             raise ValueError(f"group_grad_workspace must be a number >= 0, got {group_grad_workspace!r}")
         self.group_grad_workspace = float(group_grad_workspace)
+        model = _uncompiled(model)
         self._model_ref = weakref.ref(model)
+        self._forwards: Dict[Tuple[str, bool], object] = {}  # see _forward_of
         self._layers: "OrderedDict[str, _Layer]" = self._select_layers(model, layers)
+        # name -> why not tracked, for every module holding a weight matrix of its own that
+        # requires grad and is not among the tracked layers (frozen ones listed, not warned about)
+        self.untracked: Dict[str, str] = _untracked(model, self._layers)
+        skipped = {n: r for n, r in self.untracked.items() if not r.startswith("frozen")}
+        if layers is None and skipped:
+            warnings.warn(
+                "spurfast: these modules hold weights that get gradients but are not tracked, so they have no "
+                "statistics: " + "; ".join(f"{n!r} ({r})" for n, r in skipped.items()) + " (also in stats.untracked)",
+                UserWarning,
+                stacklevel=2,
+            )
         self._batch: Optional[_Batch] = None
         self._removed = False
         self.reset()
@@ -242,7 +258,7 @@ class NeuronStats:
     # ------------------------------------------------------------------ layer selection
     @staticmethod
     def _select_layers(model: nn.Module, layers) -> "OrderedDict[str, _Layer]":
-        named = OrderedDict(model.named_modules())
+        named = _named_modules(model)
         name_of = {id(m): n for n, m in named.items()}
         attention_of: Dict[int, str] = {}  # child module -> name of the nn.MultiheadAttention holding it
         for n, m in named.items():
@@ -425,11 +441,12 @@ class NeuronStats:
             raise RuntimeError("remove() called inside record(); leave the record block first")
         self._removed = True
         self._layers = OrderedDict()
+        self._forwards.clear()
         self.reset()
 
     # ------------------------------------------------------------------ recording
     @contextlib.contextmanager
-    def record(self, group_ids: torch.Tensor) -> Iterator["NeuronStats"]:
+    def record(self, group_ids: torch.Tensor, loss_scale=None) -> Iterator["NeuronStats"]:
         """Record one batch: run forward and ``backward()`` of the batch loss inside the block.
 
         ``group_ids``: ``[B]`` integer tensor in ``[0, num_groups)``, one per sample of the batch
@@ -437,6 +454,12 @@ class NeuronStats:
         when the block exits normally; on an exception, or if a statistic is NaN/Inf (a
         ``FloatingPointError`` naming the layers), the running statistics are left unchanged.
         A block in which no tracked layer ran a forward warns that nothing was recorded.
+
+        ``loss_scale``: the factor the loss was multiplied by before ``backward()``, so that the
+        statistics are those of the unscaled loss: a number, or a ``torch.amp.GradScaler``
+        (``scaler.scale(loss).backward()`` inside the block; its scale is read at entry). With a
+        GradScaler, a batch whose gradients overflowed (the scaler skips that optimizer step)
+        is dropped with a warning instead of raising, and the running statistics stay unchanged.
 
         Two NeuronStats on one model may nest their blocks only if they track disjoint layers
         (each layer's backward goes through one of them); nesting over a shared layer raises.
@@ -454,15 +477,16 @@ class NeuronStats:
         if group_ids.dim() != 1:
             raise ValueError(f"group_ids must have shape [B], got {list(group_ids.shape)}")
         group_ids = check_group_ids(group_ids, group_ids.shape[0], self.num_groups)
+        scale, from_scaler = _loss_scale(loss_scale)
         batch_size = group_ids.shape[0]
-        grad_scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
+        grad_scale = (float(batch_size) if self.loss_reduction == "mean" else 1.0) / scale
         batch = _Batch(group_ids, self.num_groups, grad_scale)
         self._batch = batch
         patched = []
         folded = False
         try:
             for layer in self._layers.values():
-                forward = self._make_forward(layer, batch)
+                forward = self._forward_of(layer)
                 layer.module.forward = forward
                 patched.append((layer.module, forward))
             try:
@@ -470,8 +494,14 @@ class NeuronStats:
             finally:
                 batch.closed = True
             with torch.profiler.record_function("spurfast.fold"):  # batch -> running statistics
-                self._fold(batch)
-            folded = True
+                try:
+                    self._fold(batch)
+                    folded = True
+                except FloatingPointError as exc:
+                    if not from_scaler:
+                        raise
+                    warnings.warn(f"spurfast: batch dropped, its scaled gradients overflowed ({exc})",
+                                  RuntimeWarning, stacklevel=3)
             if batch.forward_calls == 0:
                 warnings.warn(
                     "spurfast: no tracked layer ran a forward inside record(), so nothing was recorded for "
@@ -518,11 +548,28 @@ class NeuronStats:
                 "track such a layer (record() would overwrite it); remove the instance forward or track other layers"
             )
 
-    def _make_forward(self, layer: _Layer, batch: _Batch):
+    def _forward_of(self, layer: _Layer):
+        """The forward a tracked layer runs inside record(): one function object per layer for
+        the life of this NeuronStats, so that a compiled model's guards see the same forward in
+        every block (a fresh one would recompile at each record)."""
+        dynamo = sys.modules.get("torch._dynamo")  # loaded by torch.compile; never imported here
+        key = (layer.name, dynamo is not None)
+        if key not in self._forwards:
+            forward = self._make_forward(layer)
+            if dynamo is not None:
+                # Traced, the per-layer statistics would be side effects inside a graph: the
+                # layer runs eagerly instead, one graph break per tracked layer call.
+                forward = dynamo.disable(forward)
+                forward._spurfast_recorded_by = (self, layer.name)
+            self._forwards[key] = forward
+        return self._forwards[key]
+
+    def _make_forward(self, layer: _Layer):
         module = layer.module
         owner = self
 
         def forward(x: torch.Tensor) -> torch.Tensor:
+            batch = owner._batch  # the open block's batch: record() installs this forward only inside it
             if x.shape[0] != batch.size:
                 raise ValueError(
                     f"layer {layer.name!r} got an input with {x.shape[0]} samples in dim 0, but record() "
@@ -772,6 +819,71 @@ class NeuronStats:
             )
         if last_act:
             self.last_act = last_act
+
+
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``module``."""
+    while type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        module = module._orig_mod
+    return module
+
+
+def _named_modules(model: nn.Module) -> "OrderedDict[str, nn.Module]":
+    """``model.named_modules()`` under the user's names: a submodule wrapped by ``torch.compile``
+    is named as it was before (no ``_orig_mod.``), and the wrapper itself is left out."""
+    named: "OrderedDict[str, nn.Module]" = OrderedDict()
+    for n, m in model.named_modules():
+        if type(m).__name__ == "OptimizedModule" and m is not _uncompiled(m):
+            continue
+        named.setdefault(".".join(part for part in n.split(".") if part != "_orig_mod"), m)
+    return named
+
+
+def _untracked(model: nn.Module, tracked: "OrderedDict[str, _Layer]") -> Dict[str, str]:
+    """``{module name: reason}`` for modules with a weight matrix of their own (a parameter
+    named ``*weight`` of 2 or more dims) that are not tracked."""
+    attention = {}  # child -> the nn.MultiheadAttention holding it
+    named = _named_modules(model)
+    for n, m in named.items():
+        if isinstance(m, nn.MultiheadAttention):
+            attention.update((id(c), n) for c in m.modules() if c is not m)
+    out: Dict[str, str] = {}
+    for n, m in named.items():
+        if n in tracked:
+            continue
+        # weight matrices by name: embeddings of positions or a class token are not layers
+        weights = [p for pn, p in m.named_parameters(recurse=False) if pn.endswith("weight") and p.dim() >= 2]
+        if not weights:
+            continue
+        kind = type(m).__name__
+        if not any(p.requires_grad for p in weights):
+            out[n] = f"frozen {kind}: its weight does not require grad"
+        elif isinstance(m, nn.MultiheadAttention):
+            out[n] = ("nn.MultiheadAttention: F.multi_head_attention_forward uses in_proj_weight and "
+                      "out_proj.weight without calling a Linear; build attention from nn.Linear projections to track it")
+        elif id(m) in attention:
+            out[n] = f"{kind} inside nn.MultiheadAttention {attention[id(m)]!r}, which uses its weight without calling it"
+        elif _kind(m) is not None:
+            out[n] = f"{kind} not among the layers chosen"
+        else:
+            out[n] = (f"{kind} is not a supported layer (spurfast tracks nn.Linear, nn.Conv1d, nn.Conv2d and "
+                      "subclasses that keep their forward)")
+    return out
+
+
+def _loss_scale(loss_scale) -> Tuple[float, bool]:
+    """(the loss's scale factor, whether it came from a GradScaler) of ``record(loss_scale=)``."""
+    if loss_scale is None:
+        return 1.0, False
+    if hasattr(loss_scale, "get_scale") and hasattr(loss_scale, "scale"):  # torch.amp / torch.cuda.amp GradScaler
+        if not loss_scale.is_enabled():
+            return 1.0, False
+        return float(loss_scale.get_scale()), True
+    if isinstance(loss_scale, torch.Tensor) and loss_scale.numel() == 1:
+        loss_scale = float(loss_scale)
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not 0 < loss_scale < float("inf"):
+        raise ValueError(f"loss_scale must be a positive finite number or a GradScaler, got {loss_scale!r}")
+    return float(loss_scale), False
 
 
 def _tokens_per_sample(x: torch.Tensor) -> int:

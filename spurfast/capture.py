@@ -337,6 +337,7 @@ class NeuronStats:
         self.last_act: Dict[str, torch.Tensor] = {}
         self.ablation_sum: Dict[str, torch.Tensor] = {}
         self.last_ablation: Dict[str, torch.Tensor] = {}
+        self._synced: Optional[Dict[str, object]] = None  # the tables at the last all_reduce()
         for layer in self._layers.values():
             w = layer.module.weight
             self.grad_sq_sum[layer.name] = torch.zeros(self.num_groups, layer.out_channels, dtype=torch.float64, device=w.device)
@@ -385,8 +386,61 @@ class NeuronStats:
         count = self.group_count.to(torch.float64)
         return {n: s / count.to(s.device).unsqueeze(1) for n, s in self.ablation_sum.items()}
 
+    def all_reduce(self, group=None) -> None:
+        """Make the running statistics those of every rank's samples (``torch.distributed``).
+
+        A collective: every rank of ``group`` calls it, with the same layers. Counts, the
+        ``[G, C]`` sums and ``group_grad`` are summed over ranks and the activation moments
+        merged; afterwards every rank holds the same numbers. Only what each rank recorded
+        since the previous call is exchanged, so calling it every epoch counts nothing twice;
+        for that it keeps a copy of the reduced tables (``group_grad``'s ``G x |W|``
+        included). ``last_*`` (the last batch, per sample) stay rank-local. :meth:`state_dict`
+        calls it by itself when the default process group has more than one rank.
+        """
+        from spurfast import distributed as dist
+
+        if self._batch is not None:
+            raise RuntimeError("all_reduce() called inside record(); leave the record block first")
+        dist.require_initialized(group)
+        base = self._synced or {}
+        tables = {prefix: table for prefix, table in self._tables()}  # flushes the deferred sums
+        reduced: Dict[str, object] = {"group_count": dist.reduce_sum(self.group_count, base.get("group_count"), group)}
+        for prefix in ("grad_sq_sum", "ablation_sum", "group_grad"):
+            if prefix in tables:
+                reduced[prefix] = {n: dist.reduce_sum(t, base.get(prefix, {}).get(n), group)
+                                   for n, t in tables[prefix].items()}
+        if self.track_activations:
+            moments = {}
+            for n in self.act_count:
+                local = (self.act_count[n], self.act_mean[n], self._act_m2[n])
+                before = base.get("act", {}).get(n)
+                since = dist.unmerge_moments(local, before) if before is not None else local
+                total = dist.reduce_moments(since, group)
+                moments[n] = merge_group_moments(*before, *total) if before is not None else total
+            reduced["act"] = moments
+        self.group_count = reduced["group_count"]
+        self.grad_sq_sum = reduced["grad_sq_sum"]
+        if "ablation_sum" in reduced:
+            self.ablation_sum = reduced["ablation_sum"]
+        if "group_grad" in reduced:
+            self._group_grad = reduced["group_grad"]
+            for n, deferred in self._deferred.items():  # the workspaces add into the new tables
+                deferred.out = self._group_grad[n]
+        for n, (count, mean, m2) in reduced.get("act", {}).items():
+            self.act_count[n], self.act_mean[n], self._act_m2[n] = count, mean, m2
+        self._synced = {
+            k: ({n: tuple(x.clone() for x in t) if isinstance(t, tuple) else t.clone() for n, t in v.items()}
+                if isinstance(v, dict) else v.clone())
+            for k, v in reduced.items()
+        }
+
     def state_dict(self) -> Dict[str, object]:
-        """Running statistics as a flat dict of tensors plus the settings they depend on."""
+        """Running statistics as a flat dict of tensors plus the settings they depend on
+        (reduced over ranks first, :meth:`all_reduce`, when torch.distributed runs several)."""
+        from spurfast import distributed as dist
+
+        if dist.world_size() > 1:
+            self.all_reduce()
         state: Dict[str, object] = {
             "num_groups": self.num_groups,
             "loss_reduction": self.loss_reduction,
@@ -423,6 +477,7 @@ class NeuronStats:
         for table, n, t in updates:
             table[n] = t.clone()
         self._deferred = {}  # everything pending was flushed into the tables just replaced
+        self._synced = None  # the loaded tables count as this rank's own
 
     def _tables(self, flush: bool = True):
         yield "grad_sq_sum", self.grad_sq_sum
@@ -822,10 +877,15 @@ class NeuronStats:
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:
-    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``module``."""
-    while type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
-        module = module._orig_mod
-    return module
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) or a (Distributed)DataParallel
+    holds, else ``module``: the layers keep the names the user gave them."""
+    while True:
+        if type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module._orig_mod
+        elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            module = module.module
+        else:
+            return module
 
 
 def _named_modules(model: nn.Module) -> "OrderedDict[str, nn.Module]":

@@ -191,6 +191,11 @@ def live_window(in_size, out_size, kernel, stride, padding, dilation) -> Optiona
     return _live_window(tuple(in_size), tuple(out_size), tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
 
 
+def live_padding(padding, window, dilation) -> Tuple[int, ...]:
+    """The padding that keeps a :func:`live_window` conv's output positions: ``p - lo * dilation``."""
+    return tuple(p - lo * d for p, (lo, _), d in zip(padding, window, dilation))
+
+
 @functools.lru_cache(maxsize=256)
 def _live_window(in_size, out_size, kernel, stride, padding, dilation):
     window = []

@@ -25,6 +25,7 @@ from spurfast.ops._common import (
     check_group_ids,
     check_method,
     choose_method,
+    live_padding,
     live_window,
     pair,
     reduce_per_sample_grad,
@@ -241,9 +242,9 @@ def conv_grad_stats(
             # Taps that read only padding add nothing: work on the live window, zeros elsewhere.
             (lo_h, hi_h), (lo_w, hi_w) = window
             live_kernel = (hi_h - lo_h, hi_w - lo_w)
-            live_padding = (padding[0] - lo_h * dilation[0], padding[1] - lo_w * dilation[1])
             grad_sq, live = _conv2d_grad_stats_kernel(
-                x4, g4, live_kernel, stride, live_padding, dilation, groups, group_ids, num_groups, backend, method
+                x4, g4, live_kernel, stride, live_padding(padding, window, dilation), dilation, groups, group_ids,
+                num_groups, backend, method,
             )
             group_grad = live.new_zeros((num_groups, out_channels, in_per_group) + kernel)
             group_grad[:, :, :, lo_h:hi_h, lo_w:hi_w] = live.view(group_grad[:, :, :, lo_h:hi_h, lo_w:hi_w].shape)

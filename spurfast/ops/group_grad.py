@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from spurfast.ops._common import live_window
+from spurfast.ops._common import live_padding, live_window
 
 ConvArgs = Optional[Tuple[Sequence[int], Sequence[int], Sequence[int], int]]  # stride, padding, dilation, groups
 
@@ -48,8 +48,7 @@ def _add_rows(out_g: torch.Tensor, rows_x: torch.Tensor, rows_g: torch.Tensor, c
         window = live_window(rows_x.shape[2:], rows_g.shape[2:], kernel, stride, padding, dilation)
         if window is not None:  # taps that read only padding get nothing: skip them
             live = (slice(None), slice(None)) + tuple(slice(lo, hi) for lo, hi in window)
-            live_padding = tuple(p - lo * d for p, (lo, _), d in zip(padding, window, dilation))
-            out_g, conv_args = out_g[live], (stride, live_padding, dilation, groups)
+            out_g, conv_args = out_g[live], (stride, live_padding(padding, window, dilation), dilation, groups)
     out_g.add_(_weight_grad(rows_x, rows_g, out_g.shape, conv_args).to(out_g.dtype))
 
 

@@ -260,10 +260,7 @@ class NeuronStats:
     def _select_layers(model: nn.Module, layers) -> "OrderedDict[str, _Layer]":
         named = _named_modules(model)
         name_of = {id(m): n for n, m in named.items()}
-        attention_of: Dict[int, str] = {}  # child module -> name of the nn.MultiheadAttention holding it
-        for n, m in named.items():
-            if isinstance(m, nn.MultiheadAttention):
-                attention_of.update((id(c), n) for c in m.modules() if c is not m)
+        attention_of = _attention_children(named)
         if layers is None:
             chosen = [
                 n for n, m in named.items()
@@ -893,20 +890,26 @@ def _named_modules(model: nn.Module) -> "OrderedDict[str, nn.Module]":
     is named as it was before (no ``_orig_mod.``), and the wrapper itself is left out."""
     named: "OrderedDict[str, nn.Module]" = OrderedDict()
     for n, m in model.named_modules():
-        if type(m).__name__ == "OptimizedModule" and m is not _uncompiled(m):
+        if type(m).__name__ == "OptimizedModule":  # its _orig_mod comes next, under the same name
             continue
         named.setdefault(".".join(part for part in n.split(".") if part != "_orig_mod"), m)
     return named
 
 
+def _attention_children(named: "OrderedDict[str, nn.Module]") -> Dict[int, str]:
+    """``{id(child module): name of the nn.MultiheadAttention holding it}``."""
+    attention_of: Dict[int, str] = {}
+    for n, m in named.items():
+        if isinstance(m, nn.MultiheadAttention):
+            attention_of.update((id(c), n) for c in m.modules() if c is not m)
+    return attention_of
+
+
 def _untracked(model: nn.Module, tracked: "OrderedDict[str, _Layer]") -> Dict[str, str]:
     """``{module name: reason}`` for modules with a weight matrix of their own (a parameter
     named ``*weight`` of 2 or more dims) that are not tracked."""
-    attention = {}  # child -> the nn.MultiheadAttention holding it
     named = _named_modules(model)
-    for n, m in named.items():
-        if isinstance(m, nn.MultiheadAttention):
-            attention.update((id(c), n) for c in m.modules() if c is not m)
+    attention = _attention_children(named)
     out: Dict[str, str] = {}
     for n, m in named.items():
         if n in tracked:

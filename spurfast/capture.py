@@ -38,6 +38,7 @@ Semantics, per tracked layer and recorded batch of B samples:
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import warnings
 import weakref
@@ -398,7 +399,7 @@ class NeuronStats:
 
         if self._batch is not None:
             raise RuntimeError("all_reduce() called inside record(); leave the record block first")
-        dist.require_initialized(group)
+        dist.require_initialized()
         base = self._synced or {}
         tables = {prefix: table for prefix, table in self._tables()}  # flushes the deferred sums
         reduced: Dict[str, object] = {"group_count": dist.reduce_sum(self.group_count, base.get("group_count"), group)}
@@ -425,11 +426,7 @@ class NeuronStats:
                 deferred.out = self._group_grad[n]
         for n, (count, mean, m2) in reduced.get("act", {}).items():
             self.act_count[n], self.act_mean[n], self._act_m2[n] = count, mean, m2
-        self._synced = {
-            k: ({n: tuple(x.clone() for x in t) if isinstance(t, tuple) else t.clone() for n, t in v.items()}
-                if isinstance(v, dict) else v.clone())
-            for k, v in reduced.items()
-        }
+        self._synced = copy.deepcopy(reduced)  # the tables above are in use: keep copies
 
     def state_dict(self) -> Dict[str, object]:
         """Running statistics as a flat dict of tensors plus the settings they depend on

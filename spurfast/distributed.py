@@ -11,14 +11,14 @@ sums). Per-sample tables of the last batch (``last_grad_sq`` ...) stay rank-loca
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 Moments = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # count [G], mean [G, C], m2 [G, C]
 
 
-def require_initialized(group=None) -> None:
+def require_initialized() -> None:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise RuntimeError(
             "all_reduce() needs an initialized torch.distributed process group "
@@ -73,6 +73,3 @@ def world_size(group=None) -> int:
         return 1
     return torch.distributed.get_world_size(group)
 
-
-def snapshot(tables: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {k: t.clone() for k, t in tables.items()}

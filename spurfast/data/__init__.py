@@ -20,7 +20,7 @@ Every dataset yields ``(image, label, group_id)`` with ``group_id = label * num_
 The rare spurious pattern setup of Yang et al. (2022) lives a layer up, in :mod:`spurfast.rare`.
 """
 from __future__ import annotations
-from spurfast.data._common import SPLITS, SYNTH_GROUP_NAMES, WATERBIRDS_TRAIN_COUNTS, DatasetFileError
+from spurfast.data._common import WATERBIRDS_TRAIN_COUNTS, DatasetFileError
 from spurfast.data.folders import CelebA, GroupedCSVDataset, GroupedFileDataset, GroupedImageFolder, Waterbirds
 from spurfast.data.fashion import FashionMNIST
 from spurfast.data.synth import SynthWaterbirds

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import os
 import sys
 import warnings
 import weakref
@@ -60,6 +62,8 @@ from spurfast.ops.linear_grad_stats import as_tokens, linear_grad_stats, linear_
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 LOSS_REDUCTIONS = ("mean", "sum")
+_STATS_FORMAT = 1  # NeuronStats.save's file layout
+_STATS_METADATA_KEY = "spurfast.neuron_stats"
 
 
 def _kind(module: nn.Module) -> Optional[str]:
@@ -102,6 +106,7 @@ class _Batch:
         self.act_moments: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.ablation: Dict[str, torch.Tensor] = {}  # [B, C] summed over calls, scaled to l_n
         self.staged: List["DeferredGroupGrad"] = []  # workspaces holding rows of this batch
+        self.sample_ids: Optional[torch.Tensor] = None  # [B] int64 on the CPU, from record(sample_ids=)
 
     def ids_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._ids_on:
@@ -182,7 +187,9 @@ class NeuronStats:
             default and rejected when named: it uses their weights without calling them.
             Modules holding weights that are not tracked are listed in ``untracked`` (name ->
             reason); the default selection warns, naming them, when any of them gets gradients.
-        track_group_grad: keep ``group_grad`` (``G * |W|`` memory per layer).
+        track_group_grad: keep ``group_grad`` (``G * |W|`` memory per layer): ``True`` for every
+            tracked layer, ``False`` for none, or the names/modules of the layers that keep it
+            (the memory option for large models; every other statistic stays on for all layers).
         track_activations: keep activation statistics.
         track_ablation: keep the first-order ablation statistic (``last_ablation``,
             ``ablation_sum``).
@@ -212,7 +219,7 @@ class NeuronStats:
         backend: str = "auto",
         layers: Optional[Sequence[Union[str, nn.Module]]] = None,
         *,
-        track_group_grad: bool = True,
+        track_group_grad: Union[bool, Sequence[Union[str, nn.Module]]] = True,
         track_activations: bool = True,
         track_ablation: bool = True,
         group_grad_workspace: float = 0.25,
@@ -230,7 +237,6 @@ class NeuronStats:
         self.num_groups = num_groups
         self.loss_reduction = loss_reduction
         self.backend = backend
-        self.track_group_grad = track_group_grad
         self.track_activations = track_activations
         self.track_ablation = track_ablation
         if isinstance(group_grad_workspace, bool) or not isinstance(group_grad_workspace, (int, float)) \
@@ -241,6 +247,9 @@ class NeuronStats:
         self._model_ref = weakref.ref(model)
         self._forwards: Dict[Tuple[str, bool], object] = {}  # see _forward_of
         self._layers: "OrderedDict[str, _Layer]" = self._select_layers(model, layers)
+        self._layer_names = list(self._layers)
+        self._group_grad_layers = _group_grad_layers(model, self._layers, track_group_grad)
+        self.track_group_grad = bool(self._group_grad_layers)  # some layer keeps group_grad
         # name -> why not tracked, for every module holding a weight matrix of its own that
         # requires grad and is not among the tracked layers (frozen ones listed, not warned about)
         self.untracked: Dict[str, str] = _untracked(model, self._layers)
@@ -254,6 +263,7 @@ class NeuronStats:
             )
         self._batch: Optional[_Batch] = None
         self._removed = False
+        self._detached = False  # loaded from a file without a model (NeuronStats.load)
         self.reset()
 
     # ------------------------------------------------------------------ layer selection
@@ -262,10 +272,12 @@ class NeuronStats:
         named = _named_modules(model)
         name_of = {id(m): n for n, m in named.items()}
         attention_of = _attention_children(named)
+        tied = _tied_weights(named)
         if layers is None:
+            # tied layers (a language model's head sharing the embedding) are listed in untracked
             chosen = [
                 n for n, m in named.items()
-                if _kind(m) is not None and id(m) not in attention_of and m.weight.requires_grad
+                if _kind(m) is not None and id(m) not in attention_of and m.weight.requires_grad and n not in tied
             ]
         else:
             if isinstance(layers, (str, nn.Module)):
@@ -296,21 +308,20 @@ class NeuronStats:
         order = {n: i for i, n in enumerate(named)}
         chosen = sorted(set(chosen), key=order.__getitem__)  # module order, whatever order was given
         if not chosen:
-            raise ValueError("no layer to track: the model has no nn.Linear/nn.Conv1d/nn.Conv2d whose weight requires grad")
-        owners: Dict[int, List[str]] = {}
-        for n, m in named.items():
-            for p in m.parameters(recurse=False):
-                owners.setdefault(id(p), []).append(n)
+            skipped = _untracked(model, OrderedDict())
+            raise ValueError(
+                "no layer to track: the model has no nn.Linear/nn.Conv1d/nn.Conv2d whose weight requires grad"
+                + ("; skipped: " + "; ".join(f"{n!r} ({r})" for n, r in skipped.items()) if skipped else "")
+            )
         result: "OrderedDict[str, _Layer]" = OrderedDict()
         for n in chosen:
             m = named[n]
             # An open record() of another NeuronStats replaces forward only until its block exits.
             if "forward" in vars(m) and _recorded_by(m) is None:
                 raise ValueError(f"layer {n!r} has its forward replaced on the instance; spurfast cannot track it")
-            shared = [o for o in owners[id(m.weight)] if o != n]
-            if shared:
+            if n in tied:
                 raise ValueError(
-                    f"layer {n!r} shares its weight with {shared}; tied weights are not supported "
+                    f"layer {n!r} shares its weight with {tied[n]}; tied weights are not supported "
                     "(statistics would miss the other use)"
                 )
             result[n] = _Layer(n, m, _kind(m))
@@ -319,11 +330,19 @@ class NeuronStats:
     @property
     def layer_names(self) -> List[str]:
         """Names of the tracked layers, in module order."""
-        return list(self._layers)
+        return list(self._layer_names)
+
+    @property
+    def group_grad_layers(self) -> List[str]:
+        """Names of the layers that keep ``group_grad`` (all tracked layers by default)."""
+        return [n for n in self._layer_names if n in self._group_grad_layers]
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget everything recorded so far."""
+        if getattr(self, "_detached", False):
+            raise RuntimeError("reset() on a NeuronStats loaded without a model would drop its layers; "
+                               "load it with the model (NeuronStats.load(path, model)) to record afresh")
         self.group_count = torch.zeros(self.num_groups, dtype=torch.int64)
         self.grad_sq_sum: Dict[str, torch.Tensor] = {}
         self._group_grad: Dict[str, torch.Tensor] = {}
@@ -335,13 +354,15 @@ class NeuronStats:
         self.last_act: Dict[str, torch.Tensor] = {}
         self.ablation_sum: Dict[str, torch.Tensor] = {}
         self.last_ablation: Dict[str, torch.Tensor] = {}
+        self.last_sample_ids: Optional[torch.Tensor] = None
         self._synced: Optional[Dict[str, object]] = None  # the tables at the last all_reduce()
+        self._unreduced = False  # recorded (or loaded) something since the last all_reduce()
         for layer in self._layers.values():
             w = layer.module.weight
             self.grad_sq_sum[layer.name] = torch.zeros(self.num_groups, layer.out_channels, dtype=torch.float64, device=w.device)
             if self.track_ablation:
                 self.ablation_sum[layer.name] = torch.zeros_like(self.grad_sq_sum[layer.name])
-            if self.track_group_grad:
+            if layer.name in self._group_grad_layers:
                 self._group_grad[layer.name] = torch.zeros((self.num_groups,) + tuple(w.shape), dtype=torch.float32, device=w.device)
             if self.track_activations:
                 self.act_count[layer.name] = torch.zeros(self.num_groups, dtype=torch.int64, device=w.device)
@@ -350,10 +371,23 @@ class NeuronStats:
 
     @property
     def group_grad(self) -> Dict[str, torch.Tensor]:
-        """``{layer: [G, *W.shape] float32}``: running per-group sums of ``d l_n / d W`` (exact when read)."""
+        """``{layer: [G, *W.shape] float32}``: running per-group sums of ``d l_n / d W`` (exact when
+        read; over all ranks under torch.distributed, see :meth:`all_reduce`)."""
+        self._reduce_if_distributed()
+        return self._flushed_group_grad()
+
+    def _flushed_group_grad(self) -> Dict[str, torch.Tensor]:
         for deferred in self._deferred.values():
             deferred.flush()
         return self._group_grad
+
+    def _reduce_if_distributed(self) -> None:
+        """The summaries' automatic :meth:`all_reduce`: when several ranks run and this one
+        recorded (or loaded) something since the last reduction."""
+        from spurfast import distributed as dist
+
+        if self._unreduced and self._batch is None and dist.world_size() > 1:
+            self.all_reduce()
 
     @property
     def nbytes(self) -> int:
@@ -368,12 +402,14 @@ class NeuronStats:
     @property
     def act_var(self) -> Dict[str, torch.Tensor]:
         """Per-group population variance ``[G, C]`` of the per-sample channel means (0 for empty groups)."""
+        self._reduce_if_distributed()
         return {
             n: m2 / self.act_count[n].clamp(min=1).unsqueeze(1).to(m2.dtype) for n, m2 in self._act_m2.items()
         }
 
     def grad_sq_mean(self) -> Dict[str, torch.Tensor]:
         """Per-group mean of ``grad_sq`` ``[G, C]`` (NaN for groups with no recorded sample)."""
+        self._reduce_if_distributed()
         count = self.group_count.to(torch.float64)
         return {n: s / count.to(s.device).unsqueeze(1) for n, s in self.grad_sq_sum.items()}
 
@@ -381,6 +417,7 @@ class NeuronStats:
         """Per-group mean of ``last_ablation`` over all recorded samples ``[G, C]`` (NaN for empty groups)."""
         if not self.track_ablation:
             raise RuntimeError("this NeuronStats was created with track_ablation=False")
+        self._reduce_if_distributed()
         count = self.group_count.to(torch.float64)
         return {n: s / count.to(s.device).unsqueeze(1) for n, s in self.ablation_sum.items()}
 
@@ -392,8 +429,14 @@ class NeuronStats:
         merged; afterwards every rank holds the same numbers. Only what each rank recorded
         since the previous call is exchanged, so calling it every epoch counts nothing twice;
         for that it keeps a copy of the reduced tables (``group_grad``'s ``G x |W|``
-        included). ``last_*`` (the last batch, per sample) stay rank-local. :meth:`state_dict`
-        calls it by itself when the default process group has more than one rank.
+        included). ``last_*`` (the last batch, per sample) stay rank-local.
+
+        The summaries (:meth:`state_dict`, :meth:`save`, ``group_grad``, :meth:`grad_sq_mean`,
+        :meth:`ablation_mean`, ``act_var``) call it by themselves, on the default group, when
+        it runs several ranks and this rank recorded something since the last reduction: call
+        them on every rank (a summary read on one rank only, after recording, waits for the
+        others). Reading them again on one rank after that is local. The tables read directly
+        (``grad_sq_sum``, ``act_mean``, ``group_count`` ...) are this rank's until a reduction.
         """
         from spurfast import distributed as dist
 
@@ -427,14 +470,12 @@ class NeuronStats:
         for n, (count, mean, m2) in reduced.get("act", {}).items():
             self.act_count[n], self.act_mean[n], self._act_m2[n] = count, mean, m2
         self._synced = copy.deepcopy(reduced)  # the tables above are in use: keep copies
+        self._unreduced = False
 
     def state_dict(self) -> Dict[str, object]:
         """Running statistics as a flat dict of tensors plus the settings they depend on
         (reduced over ranks first, :meth:`all_reduce`, when torch.distributed runs several)."""
-        from spurfast import distributed as dist
-
-        if dist.world_size() > 1:
-            self.all_reduce()
+        self._reduce_if_distributed()
         state: Dict[str, object] = {
             "num_groups": self.num_groups,
             "loss_reduction": self.loss_reduction,
@@ -471,14 +512,109 @@ class NeuronStats:
         for table, n, t in updates:
             table[n] = t.clone()
         self._deferred = {}  # everything pending was flushed into the tables just replaced
-        self._synced = None  # the loaded tables count as this rank's own
+        self._mark_loaded()
+
+    def _mark_loaded(self) -> None:
+        """Loaded tables are every rank's (what :meth:`state_dict` and :meth:`save` give under
+        torch.distributed, loaded on each rank to resume): the next reduction exchanges only
+        what is recorded after the load."""
+        from spurfast import distributed as dist
+
+        self._unreduced = False
+        self._synced = None
+        if dist.world_size() > 1:
+            synced: Dict[str, object] = {"group_count": self.group_count}
+            for prefix, table in self._tables():
+                if prefix in ("grad_sq_sum", "ablation_sum", "group_grad"):
+                    synced[prefix] = table
+            if self.track_activations:
+                synced["act"] = {n: (self.act_count[n], self.act_mean[n], self._act_m2[n]) for n in self.act_count}
+            self._synced = copy.deepcopy(synced)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: Union[str, "os.PathLike[str]"]) -> str:
+        """Write the running statistics to a safetensors file (atomically) and return its path.
+
+        Reload with :meth:`NeuronStats.load`. Under torch.distributed this is a collective (the
+        statistics are reduced over ranks first, see :meth:`all_reduce`): call it on every rank;
+        rank 0 writes the file. ``last_*`` (the last batch) are not saved.
+        """
+        from spurfast import distributed as dist
+
+        state = self.state_dict()  # reduces over ranks (on every rank) before the write
+        path = os.fspath(path)
+        if dist.world_size() > 1:
+            try:
+                if dist.rank() == 0:
+                    self._write(state, path)
+            finally:  # on return the file is there for every rank (a shared file system)
+                torch.distributed.barrier()
+            return path
+        return self._write(state, path)
+
+    def _write(self, state: Dict[str, object], path: str) -> str:
+        from spurfast import __version__
+        from spurfast._files import save_safetensors_atomic
+
+        meta = {
+            "format": _STATS_FORMAT, "spurfast_version": __version__,
+            "num_groups": self.num_groups, "loss_reduction": self.loss_reduction, "layer_names": self.layer_names,
+            "group_grad_layers": self.group_grad_layers if self.track_group_grad else [],
+            "track_activations": bool(self.track_activations), "track_ablation": bool(self.track_ablation),
+        }
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        return save_safetensors_atomic(tensors, path, metadata={_STATS_METADATA_KEY: json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: Union[str, "os.PathLike[str]"], model: Optional[nn.Module] = None, *,
+             backend: str = "auto", group_grad_workspace: float = 0.25) -> "NeuronStats":
+        """Read statistics written by :meth:`save` (safetensors: no code runs while loading).
+
+        With ``model``: a NeuronStats on it, tracking the saved layers with the saved settings,
+        holding the saved statistics; it records on from there (checkpoint and resume; under
+        torch.distributed load it on every rank). Without: a read-only NeuronStats with the
+        saved tables and summaries (``group_grad``, :meth:`grad_sq_mean`, ``act_var`` ...) and
+        no model, for analysis; :meth:`record` raises.
+        """
+        meta, tensors = _read_stats_file(path)
+        state: Dict[str, object] = {k: meta[k] for k in ("num_groups", "loss_reduction", "layer_names")}
+        state.update(tensors)
+        if model is not None:
+            stats = cls(model, meta["num_groups"], meta["loss_reduction"], backend, layers=meta["layer_names"],
+                        track_group_grad=meta["group_grad_layers"] or False,
+                        track_activations=meta["track_activations"], track_ablation=meta["track_ablation"],
+                        group_grad_workspace=group_grad_workspace)
+            stats.load_state_dict(state)
+            return stats
+        stats = cls.__new__(cls)
+        stats.num_groups, stats.loss_reduction, stats.backend = meta["num_groups"], meta["loss_reduction"], backend
+        stats.track_activations, stats.track_ablation = meta["track_activations"], meta["track_ablation"]
+        stats.group_grad_workspace = float(group_grad_workspace)
+        stats._model_ref = lambda: None
+        stats._forwards, stats._layers = {}, OrderedDict()
+        stats._layer_names = list(meta["layer_names"])
+        stats._group_grad_layers = set(meta["group_grad_layers"])
+        stats.track_group_grad = bool(stats._group_grad_layers)
+        stats.untracked = {}
+        stats._batch, stats._removed, stats._detached = None, False, False
+        stats.reset()  # empty tables of the right kinds (no layers yet); the file fills them below
+        stats._detached = True
+        stats.group_count = tensors["group_count"].to(torch.int64)
+        tables = {"grad_sq_sum": stats.grad_sq_sum, "ablation_sum": stats.ablation_sum, "group_grad": stats._group_grad,
+                  "act_count": stats.act_count, "act_mean": stats.act_mean, "act_m2": stats._act_m2}
+        for key, t in tensors.items():
+            prefix, _, layer = key.partition(".")
+            if prefix in tables:
+                tables[prefix][layer] = t
+        stats._mark_loaded()
+        return stats
 
     def _tables(self, flush: bool = True):
         yield "grad_sq_sum", self.grad_sq_sum
         if self.track_ablation:
             yield "ablation_sum", self.ablation_sum
         if self.track_group_grad:
-            yield "group_grad", self.group_grad if flush else self._group_grad
+            yield "group_grad", self._flushed_group_grad() if flush else self._group_grad
         if self.track_activations:
             yield "act_count", self.act_count
             yield "act_mean", self.act_mean
@@ -490,12 +626,14 @@ class NeuronStats:
             raise RuntimeError("remove() called inside record(); leave the record block first")
         self._removed = True
         self._layers = OrderedDict()
+        self._layer_names = []
         self._forwards.clear()
         self.reset()
 
     # ------------------------------------------------------------------ recording
     @contextlib.contextmanager
-    def record(self, group_ids: torch.Tensor, loss_scale=None) -> Iterator["NeuronStats"]:
+    def record(self, group_ids: torch.Tensor, loss_scale=None,
+               sample_ids: Optional[torch.Tensor] = None) -> Iterator["NeuronStats"]:
         """Record one batch: run forward and ``backward()`` of the batch loss inside the block.
 
         ``group_ids``: ``[B]`` integer tensor in ``[0, num_groups)``, one per sample of the batch
@@ -510,11 +648,19 @@ class NeuronStats:
         GradScaler, a batch whose gradients overflowed (the scaler skips that optimizer step)
         is dropped with a warning instead of raising, and the running statistics stay unchanged.
 
+        ``sample_ids``: optional ``[B]`` integer tensor naming each sample (its index in the
+        dataset, say), kept as ``last_sample_ids`` beside the ``last_*`` tables. Under
+        ``torch.distributed`` those tables stay on the rank that recorded them; the dataset
+        indices (a ``DistributedSampler`` hands each rank its own) say which samples they are.
+
         Two NeuronStats on one model may nest their blocks only if they track disjoint layers
         (each layer's backward goes through one of them); nesting over a shared layer raises.
         """
         if self._removed:
             raise RuntimeError("this NeuronStats was removed; create a new one")
+        if self._detached:
+            raise RuntimeError("this NeuronStats was loaded without a model, so it cannot record; "
+                               "pass the model: NeuronStats.load(path, model)")
         if self._batch is not None:
             raise RuntimeError("record() blocks cannot be nested")
         self._check_layers_free()
@@ -526,10 +672,19 @@ class NeuronStats:
         if group_ids.dim() != 1:
             raise ValueError(f"group_ids must have shape [B], got {list(group_ids.shape)}")
         group_ids = check_group_ids(group_ids, group_ids.shape[0], self.num_groups)
+        if sample_ids is not None:
+            if not isinstance(sample_ids, torch.Tensor) or sample_ids.shape != group_ids.shape \
+                    or sample_ids.dtype.is_floating_point or sample_ids.dtype.is_complex or sample_ids.dtype == torch.bool:
+                raise ValueError(
+                    f"sample_ids must be an integer tensor of shape {list(group_ids.shape)} (one per group id), got "
+                    + (f"{sample_ids.dtype} {list(sample_ids.shape)}" if isinstance(sample_ids, torch.Tensor)
+                       else type(sample_ids).__name__)
+                )
         scale, from_scaler = _loss_scale(loss_scale)
         batch_size = group_ids.shape[0]
         grad_scale = (float(batch_size) if self.loss_reduction == "mean" else 1.0) / scale
         batch = _Batch(group_ids, self.num_groups, grad_scale)
+        batch.sample_ids = None if sample_ids is None else sample_ids.detach().to("cpu", torch.int64, copy=True)
         self._batch = batch
         patched = []
         folded = False
@@ -687,7 +842,7 @@ class NeuronStats:
             ablation = self._call_ablation(layer, x, grad_out, conv_args, *output) * batch.grad_scale
         if batch.grad_calls.get(name, 0) == 1:
             method, deferred = self._method(layer, x, grad_out, conv_args)
-            grouped = self.track_group_grad and not deferred
+            grouped = layer.name in self._group_grad_layers and not deferred
             num_groups = self.num_groups if grouped else 1
             op_ids = ids if grouped else torch.zeros_like(ids)
             if conv_args is None:
@@ -730,7 +885,7 @@ class NeuronStats:
         backend = resolve_backend(self.backend, x.device, x.dtype)
         if backend == "torch":  # the reference forms every per-sample gradient anyway
             return "auto", False
-        deferrable = self.track_group_grad and self.group_grad_workspace > 0
+        deferrable = layer.name in self._group_grad_layers and self.group_grad_workspace > 0
         weight = layer.module.weight
         if conv_args is None:
             tokens = _tokens_per_sample(x)
@@ -787,7 +942,7 @@ class NeuronStats:
     def _finish_multi_call(self, batch: _Batch, layer: _Layer) -> None:
         per_sample = batch.per_sample_grad.pop(layer.name)
         ids = batch.ids_on(per_sample.device)
-        if self.track_group_grad:
+        if layer.name in self._group_grad_layers:
             grad_sq, group_grad = reduce_per_sample_grad(per_sample, ids, self.num_groups)
         else:
             grad_sq, group_grad = per_sample.flatten(2).square().sum(-1), None
@@ -858,6 +1013,7 @@ class NeuronStats:
             for name, ablation_sum in sums["ablation"].items():
                 self.ablation_sum[name].add_(ablation_sum)
             self.group_count += counts
+            self.last_sample_ids = batch.sample_ids
             self.last_grad_sq = last_grad_sq
             if self.track_ablation:
                 self.last_ablation = last_ablation
@@ -868,6 +1024,8 @@ class NeuronStats:
             )
         if last_act:
             self.last_act = last_act
+        if any_grad or moments:
+            self._unreduced = True
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:
@@ -902,11 +1060,87 @@ def _attention_children(named: "OrderedDict[str, nn.Module]") -> Dict[int, str]:
     return attention_of
 
 
+def _read_stats_file(path) -> Tuple[Dict[str, object], Dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a :meth:`NeuronStats.save` file, checked for a consistent
+    layout (every table of every saved layer, with matching shapes) before anything uses it."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no statistics file at {path!r}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get(_STATS_METADATA_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as exc:
+        raise ValueError(f"{path!r} is not a safetensors file: {exc}") from None
+    if raw is None:
+        raise ValueError(f"{path!r} is not a spurfast NeuronStats file (no {_STATS_METADATA_KEY!r} metadata)")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"{path!r}: its {_STATS_METADATA_KEY!r} metadata is not JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != _STATS_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path!r}: NeuronStats format {found!r}, this spurfast reads {_STATS_FORMAT}")
+    expected = {"num_groups": int, "loss_reduction": str, "layer_names": list, "group_grad_layers": list,
+                "track_activations": bool, "track_ablation": bool}
+    for key, kind in expected.items():
+        if not isinstance(meta.get(key), kind):
+            raise ValueError(f"{path!r}: metadata {key!r} must be a {kind.__name__}, got {meta.get(key)!r}")
+    groups, layers = meta["num_groups"], meta["layer_names"]
+    if groups < 1 or meta["loss_reduction"] not in LOSS_REDUCTIONS or not set(meta["group_grad_layers"]) <= set(layers):
+        raise ValueError(f"{path!r}: inconsistent metadata {meta}")
+    want = {"group_count"}
+    for n in layers:
+        want.add(f"grad_sq_sum.{n}")
+        if meta["track_ablation"]:
+            want.add(f"ablation_sum.{n}")
+        if n in meta["group_grad_layers"]:
+            want.add(f"group_grad.{n}")
+        if meta["track_activations"]:
+            want.update(f"{prefix}.{n}" for prefix in ("act_count", "act_mean", "act_m2"))
+    if set(tensors) != want:
+        missing, extra = sorted(want - set(tensors)), sorted(set(tensors) - want)
+        raise ValueError(f"{path!r}: tensors do not match its layers and settings (missing {missing}, unexpected {extra})")
+    if tuple(tensors["group_count"].shape) != (groups,):
+        raise ValueError(f"{path!r}: group_count has shape {list(tensors['group_count'].shape)}, expected [{groups}]")
+    for n in layers:
+        channels = tensors[f"grad_sq_sum.{n}"].shape[1:2]
+        shapes = {"grad_sq_sum": (groups,) + tuple(channels), "ablation_sum": (groups,) + tuple(channels),
+                  "act_mean": (groups,) + tuple(channels), "act_m2": (groups,) + tuple(channels), "act_count": (groups,)}
+        for prefix, shape in shapes.items():
+            t = tensors.get(f"{prefix}.{n}")
+            if t is not None and (tuple(t.shape) != shape or len(channels) != 1):
+                raise ValueError(f"{path!r}: {prefix}.{n} has shape {list(t.shape)}, expected {list(shape)}")
+        t = tensors.get(f"group_grad.{n}")
+        if t is not None and (t.dim() < 3 or tuple(t.shape[:2]) != (groups,) + tuple(channels)):
+            raise ValueError(f"{path!r}: group_grad.{n} has shape {list(t.shape)}, expected [{groups}, C, ...]")
+    return meta, tensors
+
+
+def _tied_weights(named: "OrderedDict[str, nn.Module]") -> Dict[str, List[str]]:
+    """``{name of a supported layer: names of the other modules holding its weight}``, for the
+    layers whose weight is tied to another module's parameter."""
+    owners: Dict[int, List[str]] = {}
+    for n, m in named.items():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(n)
+    tied = {}
+    for n, m in named.items():
+        if _kind(m) is not None:
+            others = [o for o in owners.get(id(m.weight), []) if o != n]
+            if others:
+                tied[n] = others
+    return tied
+
+
 def _untracked(model: nn.Module, tracked: "OrderedDict[str, _Layer]") -> Dict[str, str]:
     """``{module name: reason}`` for modules with a weight matrix of their own (a parameter
     named ``*weight`` of 2 or more dims) that are not tracked."""
     named = _named_modules(model)
     attention = _attention_children(named)
+    tied = _tied_weights(named)
     out: Dict[str, str] = {}
     for n, m in named.items():
         if n in tracked:
@@ -923,12 +1157,35 @@ def _untracked(model: nn.Module, tracked: "OrderedDict[str, _Layer]") -> Dict[st
                       "out_proj.weight without calling a Linear; build attention from nn.Linear projections to track it")
         elif id(m) in attention:
             out[n] = f"{kind} inside nn.MultiheadAttention {attention[id(m)]!r}, which uses its weight without calling it"
+        elif n in tied:
+            out[n] = (f"{kind} whose weight is tied to {tied[n]}; the statistics would miss the other use, "
+                      "so tied layers are not tracked")
         elif _kind(m) is not None:
             out[n] = f"{kind} not among the layers chosen"
         else:
             out[n] = (f"{kind} is not a supported layer (spurfast tracks nn.Linear, nn.Conv1d, nn.Conv2d and "
                       "subclasses that keep their forward)")
     return out
+
+
+def _group_grad_layers(model: nn.Module, tracked: "OrderedDict[str, _Layer]", choice) -> set:
+    """The names of the tracked layers that keep ``group_grad``, from ``track_group_grad``."""
+    if isinstance(choice, bool):
+        return set(tracked) if choice else set()
+    if isinstance(choice, (str, nn.Module)):
+        choice = [choice]
+    try:
+        items = list(choice)
+    except TypeError:
+        raise TypeError(f"track_group_grad must be a bool or a list of layer names/modules, got {choice!r}") from None
+    name_of = {id(m): n for n, m in _named_modules(model).items()}
+    chosen = set()
+    for item in items:
+        n = item if isinstance(item, str) else name_of.get(id(item)) if isinstance(item, nn.Module) else None
+        if n not in tracked:
+            raise ValueError(f"track_group_grad: {item!r} is not one of the tracked layers {list(tracked)}")
+        chosen.add(n)
+    return chosen
 
 
 def _loss_scale(loss_scale) -> Tuple[float, bool]:

@@ -73,3 +73,8 @@ def world_size(group=None) -> int:
         return 1
     return torch.distributed.get_world_size(group)
 
+
+def rank(group=None) -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 0
+    return torch.distributed.get_rank(group)

@@ -48,7 +48,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 import weakref
 from collections import OrderedDict
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -56,8 +55,8 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from spurfast._files import save_safetensors_atomic
 from spurfast.capture import NeuronStats
 
 __all__ = ["BN_MODES", "GRADIENT_STATISTICS", "Mask", "masked", "masked_call"]
@@ -351,8 +350,10 @@ class Mask:
             names = [n for n in names if n in set(layers)]
             if not names:
                 raise ValueError("layers must name at least one tracked layer")
-        if statistic == "gradient" and not stats.track_group_grad:
-            raise ValueError("statistic='gradient' needs a NeuronStats with track_group_grad=True; use statistic='grad_sq'")
+        if statistic == "gradient" and any(n not in stats.group_grad_layers for n in names):
+            lacking = [n for n in names if n not in stats.group_grad_layers]
+            raise ValueError(f"statistic='gradient' needs group_grad, which stats does not keep for layers {lacking} "
+                             "(NeuronStats(track_group_grad=...)); use statistic='grad_sq' or pass layers=")
         counts = stats.group_count if group is None else stats.group_count[group:group + 1]
         if int(counts.sum()) == 0:
             which = "any group" if group is None else f"group {group}"
@@ -539,20 +540,9 @@ class Mask:
             >>> Mask.load(path, model) == mask
             True
         """
-        path = os.fspath(path)
         meta = {"format": _FORMAT, "shapes": {n: list(s) for n, s in self.shapes.items()}, "order": list(self.entries)}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-        os.close(fd)
-        try:
-            save_file({n: e.contiguous() for n, e in self.entries.items()}, tmp, metadata={_METADATA_KEY: json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        return path
+        return save_safetensors_atomic({n: e.contiguous() for n, e in self.entries.items()}, path,
+                                       metadata={_METADATA_KEY: json.dumps(meta)})
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], model: Optional[nn.Module] = None) -> "Mask":

@@ -360,10 +360,15 @@ def test_bad_inputs_raise_clear_errors():
     frozen[0].weight.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad=False"):
         sf.NeuronStats(frozen, num_groups=1, layers=["0"])
-    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
     tied[1].weight = tied[0].weight
     with pytest.raises(ValueError, match="shares its weight"):
-        sf.NeuronStats(tied, num_groups=1)
+        sf.NeuronStats(tied, num_groups=1, layers=["0", "2"])
+    # the default selection leaves tied layers out, lists them and warns
+    with pytest.warns(UserWarning, match="'0' .*tied to \\['1'\\]"):
+        tied_stats = sf.NeuronStats(tied, num_groups=1)
+    assert tied_stats.layer_names == ["2"] and sorted(tied_stats.untracked) == ["0", "1"]
+    tied_stats.remove()
     with pytest.raises(ValueError, match="loss_reduction"):
         sf.NeuronStats(model, num_groups=1, loss_reduction="none")
     with pytest.raises(ValueError, match="not a submodule"):

@@ -37,12 +37,19 @@ def _worker(rank, init_file, out_dir):
         stats = sf.NeuronStats(model, num_groups=3)
         for step, (x, y, ids) in enumerate(_data()):
             mine = slice(rank, None, WORLD)  # ranks hold interleaved samples
-            with stats.record(ids[mine]):
+            with stats.record(ids[mine], sample_ids=torch.arange(step * BATCH, (step + 1) * BATCH)[mine]):
                 F.cross_entropy(model(x[mine]), y[mine]).backward()
             if step == 0:
                 stats.all_reduce()  # a reduction midway: later ones exchange only what is new
-        torch.save({"names": stats.layer_names, "state": stats.state_dict()},  # state_dict() reduces again
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+            if step == 1:
+                means = stats.grad_sq_mean()  # reduces by itself (called on every rank)
+                # a checkpoint: rank 0 writes, every rank resumes from the file
+                path = stats.save(os.path.join(out_dir, "stats.safetensors"))
+                stats.remove()
+                stats = sf.NeuronStats.load(path, model)
+        torch.save({"names": stats.layer_names, "state": stats.state_dict(),  # state_dict() reduces again
+                    "means": means, "last_sample_ids": stats.last_sample_ids,
+                    "last_grad_sq": stats.last_grad_sq}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -53,10 +60,18 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path, has_ext
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     model = _model()
     stats = sf.NeuronStats(model, num_groups=3)
-    for x, y, ids in _data():
+    for step, (x, y, ids) in enumerate(_data()):
         with stats.record(ids):
             F.cross_entropy(model(x), y).backward()
+        if step == 1:
+            want_means = stats.grad_sq_mean()
     want = stats.state_dict()
+    for r, got in enumerate(ranks):  # the summaries reduced by themselves; per-sample tables stay local
+        for n, mean in want_means.items():
+            torch.testing.assert_close(got["means"][n], mean, rtol=1e-5, atol=1e-7, msg=n)
+        assert got["last_sample_ids"].tolist() == list(range((STEPS - 1) * BATCH + r, STEPS * BATCH, WORLD))
+        assert got["last_grad_sq"]["6"].shape == (BATCH // WORLD, 3)
+        torch.testing.assert_close(got["last_grad_sq"]["6"], stats.last_grad_sq["6"][r::WORLD], rtol=1e-4, atol=1e-7)
     assert ranks[0]["names"] == stats.layer_names == ["0", "4", "6"]  # DDP's "module." is not in the names
     for key, value in want.items():
         got = [r["state"][key] for r in ranks]

@@ -194,7 +194,7 @@ def test_top_gradient_channels_grad_sq_statistic_and_validation():
     with pytest.raises(ValueError, match="recorded no sample"):
         Mask.top_gradient_channels(sf.NeuronStats(model, num_groups=2, backend="torch"), 0.5)
     no_group_grad = sf.NeuronStats(model, num_groups=2, track_group_grad=False, backend="torch")
-    with pytest.raises(ValueError, match="track_group_grad=True"):
+    with pytest.raises(ValueError, match="does not keep for layers"):
         Mask.top_gradient_channels(no_group_grad, 0.5)
     with pytest.raises(TypeError, match="stats must be a NeuronStats"):
         Mask.top_gradient_channels({}, 0.5)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from spurfast._files import save_safetensors_atomic
 
 _CHECKPOINT_RE = re.compile(r"^epoch_(\d+)\.safetensors$")
 FORMAT_VERSION = 1
@@ -72,20 +72,7 @@ def save_checkpoint(
     except TypeError as exc:
         raise TypeError(f"checkpoint metadata must be JSON-serializable: {exc}") from exc
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_path, metadata=metadata)
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    return path
+    return save_safetensors_atomic(tensors, path, metadata=metadata, fsync=True)
 
 
 def load_checkpoint(

@@ -190,6 +190,9 @@ class NeuronStats:
         track_group_grad: keep ``group_grad`` (``G * |W|`` memory per layer): ``True`` for every
             tracked layer, ``False`` for none, or the names/modules of the layers that keep it
             (the memory option for large models; every other statistic stays on for all layers).
+        group_grad_device: where ``group_grad`` lives; default each layer's weight device.
+            ``"cpu"`` keeps the ``G * |W|`` sums in host memory for a model on a GPU: each
+            batch's group sums are formed on the GPU and copied over once per layer.
         track_activations: keep activation statistics.
         track_ablation: keep the first-order ablation statistic (``last_ablation``,
             ``ablation_sum``).
@@ -223,6 +226,7 @@ class NeuronStats:
         track_activations: bool = True,
         track_ablation: bool = True,
         group_grad_workspace: float = 0.25,
+        group_grad_device: Optional[Union[str, torch.device]] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -243,6 +247,11 @@ class NeuronStats:
                 or not group_grad_workspace >= 0:
             raise ValueError(f"group_grad_workspace must be a number >= 0, got {group_grad_workspace!r}")
         self.group_grad_workspace = float(group_grad_workspace)
+        try:
+            self.group_grad_device = None if group_grad_device is None else torch.device(group_grad_device)
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"group_grad_device must be a torch.device or a device string such as 'cpu', "
+                             f"got {group_grad_device!r} ({exc})") from None
         model = _uncompiled(model)
         self._model_ref = weakref.ref(model)
         self._forwards: Dict[Tuple[str, bool], object] = {}  # see _forward_of
@@ -363,7 +372,8 @@ class NeuronStats:
             if self.track_ablation:
                 self.ablation_sum[layer.name] = torch.zeros_like(self.grad_sq_sum[layer.name])
             if layer.name in self._group_grad_layers:
-                self._group_grad[layer.name] = torch.zeros((self.num_groups,) + tuple(w.shape), dtype=torch.float32, device=w.device)
+                self._group_grad[layer.name] = torch.zeros((self.num_groups,) + tuple(w.shape), dtype=torch.float32,
+                                                           device=self.group_grad_device or w.device)
             if self.track_activations:
                 self.act_count[layer.name] = torch.zeros(self.num_groups, dtype=torch.int64, device=w.device)
                 self.act_mean[layer.name] = torch.zeros(self.num_groups, layer.out_channels, dtype=torch.float64, device=w.device)
@@ -567,14 +577,16 @@ class NeuronStats:
 
     @classmethod
     def load(cls, path: Union[str, "os.PathLike[str]"], model: Optional[nn.Module] = None, *,
-             backend: str = "auto", group_grad_workspace: float = 0.25) -> "NeuronStats":
+             backend: str = "auto", group_grad_workspace: float = 0.25,
+             group_grad_device: Optional[Union[str, torch.device]] = None) -> "NeuronStats":
         """Read statistics written by :meth:`save` (safetensors: no code runs while loading).
 
         With ``model``: a NeuronStats on it, tracking the saved layers with the saved settings,
         holding the saved statistics; it records on from there (checkpoint and resume; under
         torch.distributed load it on every rank). Without: a read-only NeuronStats with the
         saved tables and summaries (``group_grad``, :meth:`grad_sq_mean`, ``act_var`` ...) and
-        no model, for analysis; :meth:`record` raises.
+        no model, for analysis (on the CPU); :meth:`record` raises. ``backend``,
+        ``group_grad_workspace`` and ``group_grad_device`` are as for the constructor.
         """
         meta, tensors = _read_stats_file(path)
         state: Dict[str, object] = {k: meta[k] for k in ("num_groups", "loss_reduction", "layer_names")}
@@ -583,13 +595,13 @@ class NeuronStats:
             stats = cls(model, meta["num_groups"], meta["loss_reduction"], backend, layers=meta["layer_names"],
                         track_group_grad=meta["group_grad_layers"] or False,
                         track_activations=meta["track_activations"], track_ablation=meta["track_ablation"],
-                        group_grad_workspace=group_grad_workspace)
+                        group_grad_workspace=group_grad_workspace, group_grad_device=group_grad_device)
             stats.load_state_dict(state)
             return stats
         stats = cls.__new__(cls)
         stats.num_groups, stats.loss_reduction, stats.backend = meta["num_groups"], meta["loss_reduction"], backend
         stats.track_activations, stats.track_ablation = meta["track_activations"], meta["track_ablation"]
-        stats.group_grad_workspace = float(group_grad_workspace)
+        stats.group_grad_workspace, stats.group_grad_device = float(group_grad_workspace), None
         stats._model_ref = lambda: None
         stats._forwards, stats._layers = {}, OrderedDict()
         stats._layer_names = list(meta["layer_names"])
@@ -953,7 +965,9 @@ class NeuronStats:
         # the ops return fresh tensors: scale in place
         batch.grad_sq[layer.name] = grad_sq.float().mul_(scale * scale) if scale != 1.0 else grad_sq.float()
         if group_grad is not None:  # kept unscaled: the scale is applied while folding, in one pass
-            batch.group_grad[layer.name] = group_grad.reshape((self.num_groups,) + tuple(layer.module.weight.shape))
+            group_grad = group_grad.reshape((self.num_groups,) + tuple(layer.module.weight.shape))
+            # sums kept elsewhere (group_grad_device): copy now, so the batch holds none on the GPU
+            batch.group_grad[layer.name] = group_grad.to(self._group_grad[layer.name].device)
         batch.grad_done.add(layer.name)
 
     def _fold(self, batch: _Batch) -> None:

@@ -189,3 +189,36 @@ def test_bad_files_are_refused_before_anything_is_built(tmp_path):
     wrong = {**tensors, "act_mean.3": torch.zeros(2, 9, dtype=torch.float64)}
     with pytest.raises(ValueError, match="act_mean.3 has shape \\[2, 9\\], expected \\[2, 8\\]"):
         sf.NeuronStats.load(write("wrong.safetensors", wrong, meta))
+
+
+# --------------------------------------------------------------------------- group_grad kept elsewhere
+def test_group_grad_device_is_validated_and_cpu_gives_the_same_sums():
+    model = _model()
+    with pytest.raises(ValueError, match="group_grad_device must be a torch.device"):
+        sf.NeuronStats(model, num_groups=2, group_grad_device="no-such-device")
+    default = sf.NeuronStats(model, num_groups=2)
+    _record(model, default, _batches())
+    want = {n: t.clone() for n, t in default.group_grad.items()}
+    default.remove()
+    on_cpu = sf.NeuronStats(model, num_groups=2, group_grad_device="cpu")
+    _record(model, on_cpu, _batches())
+    assert on_cpu.group_grad_device == torch.device("cpu")
+    for n, t in on_cpu.group_grad.items():
+        assert t.device.type == "cpu"
+        torch.testing.assert_close(t, want[n], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_group_grad_on_the_cpu_for_a_model_on_the_gpu():
+    model = _model()
+    reference = sf.NeuronStats(model, num_groups=2, backend="torch")
+    _record(model, reference, _batches())
+    want = {n: t.clone() for n, t in reference.group_grad.items()}
+    reference.remove()
+    model = model.cuda()
+    stats = sf.NeuronStats(model, num_groups=2, group_grad_device="cpu")
+    _record(model, stats, [(x.cuda(), y.cuda(), ids.cuda()) for x, y, ids in _batches()])
+    for n, t in stats.group_grad.items():
+        assert t.device.type == "cpu" and stats.grad_sq_sum[n].device.type == "cuda"
+        torch.testing.assert_close(t, want[n], rtol=1e-4, atol=1e-5)  # TF32/cuBLAS order against CPU float32

@@ -38,8 +38,9 @@ def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: Sequence
 
 
 def _add_rows(out_g: torch.Tensor, rows_x: torch.Tensor, rows_g: torch.Tensor, conv_args: ConvArgs) -> None:
-    """``out_g += dW`` of one group's rows, straight into ``out_g`` for a Linear of its dtype."""
-    if conv_args is None and out_g.dtype == rows_x.dtype:
+    """``out_g += dW`` of one group's rows, straight into ``out_g`` for a Linear of its dtype
+    and device (``dW`` is formed on the rows' device: sums kept on the CPU get one copy)."""
+    if conv_args is None and out_g.dtype == rows_x.dtype and out_g.device == rows_x.device:
         out_g.addmm_(rows_g.t(), rows_x)
         return
     if conv_args is not None:
@@ -49,7 +50,7 @@ def _add_rows(out_g: torch.Tensor, rows_x: torch.Tensor, rows_g: torch.Tensor, c
         if window is not None:  # taps that read only padding get nothing: skip them
             live = (slice(None), slice(None)) + tuple(slice(lo, hi) for lo, hi in window)
             out_g, conv_args = out_g[live], (stride, live_padding(padding, window, dilation), dilation, groups)
-    out_g.add_(_weight_grad(rows_x, rows_g, out_g.shape, conv_args).to(out_g.dtype))
+    out_g.add_(_weight_grad(rows_x, rows_g, out_g.shape, conv_args).to(out_g.device, out_g.dtype))
 
 
 def accumulate_group_grad(

@@ -498,7 +498,10 @@ class NeuronStats:
         return state
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        """Restore :meth:`state_dict` output; checks layers, groups and shapes first, changes nothing on error."""
+        """Restore :meth:`state_dict` output; checks layers, groups and shapes first, changes nothing on error.
+
+        Under torch.distributed the state counts as every rank's (what :meth:`state_dict` gives
+        there): load the same state on every rank; later reductions add only what comes after."""
         for key in ("num_groups", "loss_reduction", "layer_names", "group_count"):
             if key not in state:
                 raise KeyError(f"state dict lacks {key!r}")

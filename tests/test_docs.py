@@ -2,6 +2,7 @@
 docstring examples run and say what they claim."""
 import doctest
 import importlib
+import importlib.util
 import os
 import pathlib
 import re
@@ -58,21 +59,28 @@ DOCTEST_MODULES = [
     "spurfast.train.checkpoints",
     "spurfast.train.example_tied",
     "spurfast.report.runs",
+    "spurfast.integrations.lightning",
+    "spurfast.integrations.huggingface",
 ]
 
 
 def readme_python_blocks():
     """``(code, needs_real_data)`` of every ```python block, with its heading as id.
 
-    On the line before a block, ``<!-- test: slow -->`` marks it slow and ``<!-- test: needs real
-    data -->`` skips it where TexturedFashion's packages are missing (CI installs them).
+    On the line before a block, ``<!-- test: slow -->`` marks it slow, ``<!-- test: needs real
+    data -->`` skips it where TexturedFashion's packages are missing and ``<!-- test: needs
+    package lightning -->`` where that package is not installed (CI installs them all).
     """
     blocks = []
     for match in re.finditer(r"(?P<before>[^\n]*)\n```python\n(?P<code>.*?)```", README, re.S):
         heading = [h for h in re.findall(r"^#+ (.*)$", README[: match.start()], re.M)][-1]
-        slow = "<!-- test: slow" in match.group("before")
-        real = "<!-- test: needs real data" in match.group("before")
-        blocks.append(pytest.param(match.group("code"), real, id=heading, marks=[pytest.mark.slow] if slow else []))
+        before = match.group("before")
+        marks = [pytest.mark.slow] if "<!-- test: slow" in before else []
+        package = re.search(r"<!-- test: needs package ([\w.]+)", before)
+        if package and importlib.util.find_spec(package.group(1)) is None:
+            marks.append(pytest.mark.skip(reason=f"this block needs {package.group(1)}, which is not installed"))
+        real = "<!-- test: needs real data" in before
+        blocks.append(pytest.param(match.group("code"), real, id=heading, marks=marks))
     return blocks
 
 
@@ -128,14 +136,20 @@ def _fashion_mnist_missing():
     return None
 
 
-DOCTEST_NEEDS = {"spurfast.data.textured": _real_data_missing, "spurfast.data.fashion": _fashion_mnist_missing}
+def _package_missing(package):
+    return lambda: None if importlib.util.find_spec(package) else f"{package} is not installed"
+
+
+DOCTEST_NEEDS = {"spurfast.data.textured": _real_data_missing, "spurfast.data.fashion": _fashion_mnist_missing,
+                 "spurfast.integrations.lightning": _package_missing("lightning"),
+                 "spurfast.integrations.huggingface": _package_missing("transformers")}
 
 
 @pytest.mark.parametrize("name", DOCTEST_MODULES)
 def test_docstring_examples(name):
     missing = DOCTEST_NEEDS.get(name, lambda: None)()
     if missing:
-        pytest.skip(f"{name}'s examples need local data: {missing}")
+        pytest.skip(f"{name}'s examples need what is not here: {missing}")
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0, f"{name} has no example"

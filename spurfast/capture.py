@@ -658,8 +658,9 @@ class NeuronStats:
         A block in which no tracked layer ran a forward warns that nothing was recorded.
 
         ``loss_scale``: the factor the loss was multiplied by before ``backward()``, so that the
-        statistics are those of the unscaled loss: a number, or a ``torch.amp.GradScaler``
-        (``scaler.scale(loss).backward()`` inside the block; its scale is read at entry). With a
+        statistics are those of the unscaled loss: a number, a ``torch.amp.GradScaler``
+        (``scaler.scale(loss).backward()`` inside the block; its scale is read at entry), or a
+        ``(scaler, number)`` pair for a loss divided for gradient accumulation, then scaled. With a
         GradScaler, a batch whose gradients overflowed (the scaler skips that optimizer step)
         is dropped with a warning instead of raising, and the running statistics stay unchanged.
 
@@ -1209,15 +1210,25 @@ def _loss_scale(loss_scale) -> Tuple[float, bool]:
     """(the loss's scale factor, whether it came from a GradScaler) of ``record(loss_scale=)``."""
     if loss_scale is None:
         return 1.0, False
-    if hasattr(loss_scale, "get_scale") and hasattr(loss_scale, "scale"):  # torch.amp / torch.cuda.amp GradScaler
+    if isinstance(loss_scale, tuple) and len(loss_scale) == 2 and _is_grad_scaler(loss_scale[0]):
+        scaler, factor = loss_scale  # the loss times factor (1 / accumulation steps), then scaled
+        factor, _ = _loss_scale(factor)
+        scale, from_scaler = _loss_scale(scaler)
+        return scale * factor, from_scaler
+    if _is_grad_scaler(loss_scale):
         if not loss_scale.is_enabled():
             return 1.0, False
         return float(loss_scale.get_scale()), True
     if isinstance(loss_scale, torch.Tensor) and loss_scale.numel() == 1:
         loss_scale = float(loss_scale)
     if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not 0 < loss_scale < float("inf"):
-        raise ValueError(f"loss_scale must be a positive finite number or a GradScaler, got {loss_scale!r}")
+        raise ValueError(f"loss_scale must be a positive finite number, a GradScaler or a (GradScaler, number) "
+                         f"pair, got {loss_scale!r}")
     return float(loss_scale), False
+
+
+def _is_grad_scaler(obj) -> bool:  # torch.amp / torch.cuda.amp GradScaler
+    return hasattr(obj, "get_scale") and hasattr(obj, "scale") and hasattr(obj, "is_enabled")
 
 
 def _tokens_per_sample(x: torch.Tensor) -> int:

@@ -110,7 +110,25 @@ def test_grad_scaler_statistics_are_unscaled_and_an_overflow_is_dropped():
             (F.cross_entropy(model(x), y) * float("inf")).backward()
 
 
-@pytest.mark.parametrize("bad", [0.0, -2.0, float("inf"), float("nan"), "2", True, torch.ones(2)])
+def test_a_scaler_and_a_factor_for_gradient_accumulation():
+    model = _model()
+    x, y, ids = _batch()
+    want = _record(model, x, y, ids)
+    scaler = _cpu_grad_scaler(2.0 ** 8)
+    stats = sf.NeuronStats(model, num_groups=3)
+    with stats.record(ids, loss_scale=(scaler, 0.25)):  # a trainer's loss / 4 accumulation steps, then scaled
+        scaler.scale(F.cross_entropy(model(x), y) / 4).backward()
+    for key, table in _tables(stats).items():
+        torch.testing.assert_close(table, want[key], rtol=1e-5, atol=1e-7)
+    with pytest.warns(RuntimeWarning, match="overflowed"):  # still the scaler's overflow handling
+        with stats.record(ids, loss_scale=(scaler, 0.25)):
+            scaler.scale(F.cross_entropy(model(x), y) * float("inf")).backward()
+    with pytest.raises(ValueError, match="loss_scale must be"):
+        with stats.record(ids, loss_scale=(scaler, 0.0)):
+            pass
+
+
+@pytest.mark.parametrize("bad", [0.0, -2.0, float("inf"), float("nan"), "2", True, torch.ones(2), (2.0, 0.5)])
 def test_bad_loss_scale_is_rejected_before_anything_changes(bad):
     model = _model()
     x, y, ids = _batch()

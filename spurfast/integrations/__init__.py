@@ -45,33 +45,12 @@ class _OpenRecord:
             block.__exit__(_RecordAborted, error, None)
 
 
-class _ScaledGradScaler:
-    """A GradScaler's current scale times a constant, for ``record(loss_scale=)``: the trainer
-    scales the loss by both (1/accumulation steps, then the GradScaler), and record() keeps
-    its GradScaler handling (an overflowed batch is dropped with a warning, not raised)."""
-
-    def __init__(self, scaler, factor: float):
-        self._scaler = scaler
-        self._factor = factor
-
-    def is_enabled(self) -> bool:
-        return True
-
-    def get_scale(self) -> float:
-        return float(self._scaler.get_scale()) * self._factor
-
-    def scale(self, outputs):
-        return self._scaler.scale(outputs) * self._factor
-
-
 def _loss_scale(scaler, factor: float):
     """``record(loss_scale=)`` for a loss multiplied by ``factor`` and then by ``scaler``
     (a ``torch.amp.GradScaler`` or None)."""
     if scaler is None or not scaler.is_enabled():
         return factor
-    if factor == 1.0:
-        return scaler
-    return _ScaledGradScaler(scaler, factor)
+    return scaler if factor == 1.0 else (scaler, factor)
 
 
 def _check_filename(filename: str) -> str:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import sys
 import warnings
@@ -63,6 +64,7 @@ from spurfast.ops.linear_grad_stats import as_tokens, linear_grad_stats, linear_
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 LOSS_REDUCTIONS = ("mean", "sum")
 _STATS_FORMAT = 1  # NeuronStats.save's file layout
+_WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module")  # names torch.compile / FSDP1 put in module paths
 _STATS_METADATA_KEY = "spurfast.neuron_stats"
 
 
@@ -81,7 +83,8 @@ class _Layer:
         self.name = name
         self.module = module
         self.kind = kind
-        self.out_channels = module.weight.shape[0]
+        self.weight_shape = _weight_shape(module)
+        self.out_channels = self.weight_shape[0]
 
 
 class _Batch:
@@ -372,7 +375,7 @@ class NeuronStats:
             if self.track_ablation:
                 self.ablation_sum[layer.name] = torch.zeros_like(self.grad_sq_sum[layer.name])
             if layer.name in self._group_grad_layers:
-                self._group_grad[layer.name] = torch.zeros((self.num_groups,) + tuple(w.shape), dtype=torch.float32,
+                self._group_grad[layer.name] = torch.zeros((self.num_groups,) + layer.weight_shape, dtype=torch.float32,
                                                            device=self.group_grad_device or w.device)
             if self.track_activations:
                 self.act_count[layer.name] = torch.zeros(self.num_groups, dtype=torch.int64, device=w.device)
@@ -868,7 +871,7 @@ class NeuronStats:
             else:
                 stride, padding, dilation, groups = conv_args
                 grad_sq, group_grad = conv_grad_stats(
-                    x, grad_out, module.weight.shape, stride, padding, dilation, groups, op_ids, num_groups,
+                    x, grad_out, layer.weight_shape, stride, padding, dilation, groups, op_ids, num_groups,
                     backend=self.backend, method=method, check_inputs=False,
                 )
             grad_w = group_grad[0] if num_groups == 1 else group_grad.sum(0)
@@ -902,15 +905,15 @@ class NeuronStats:
         if backend == "torch":  # the reference forms every per-sample gradient anyway
             return "auto", False
         deferrable = layer.name in self._group_grad_layers and self.group_grad_workspace > 0
-        weight = layer.module.weight
+        shape = layer.weight_shape
         if conv_args is None:
             tokens = _tokens_per_sample(x)
             if tokens == 1:
                 return "direct", deferrable
-            method = choose_method(tokens, weight.shape[0], weight.shape[1], backend, group_sums=deferrable)
+            method = choose_method(tokens, shape[0], shape[1], backend, group_sums=deferrable)
         else:
             groups = conv_args[3]
-            method = choose_method(grad_out[0, 0].numel(), weight.shape[0] // groups, weight[0].numel(), backend,
+            method = choose_method(grad_out[0, 0].numel(), shape[0] // groups, math.prod(shape[1:]), backend,
                                    linear=False, group_sums=deferrable)
         return method, deferrable and method == "gram"
 
@@ -969,7 +972,7 @@ class NeuronStats:
         # the ops return fresh tensors: scale in place
         batch.grad_sq[layer.name] = grad_sq.float().mul_(scale * scale) if scale != 1.0 else grad_sq.float()
         if group_grad is not None:  # kept unscaled: the scale is applied while folding, in one pass
-            group_grad = group_grad.reshape((self.num_groups,) + tuple(layer.module.weight.shape))
+            group_grad = group_grad.reshape((self.num_groups,) + layer.weight_shape)
             # sums kept elsewhere (group_grad_device): copy now, so the batch holds none on the GPU
             batch.group_grad[layer.name] = group_grad.to(self._group_grad[layer.name].device)
         batch.grad_done.add(layer.name)
@@ -1052,7 +1055,8 @@ def _uncompiled(module: nn.Module) -> nn.Module:
     while True:
         if type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
             module = module._orig_mod
-        elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)) \
+                or type(module).__name__ == "FullyShardedDataParallel":  # FSDP1's wrapper
             module = module.module
         else:
             return module
@@ -1063,9 +1067,10 @@ def _named_modules(model: nn.Module) -> "OrderedDict[str, nn.Module]":
     is named as it was before (no ``_orig_mod.``), and the wrapper itself is left out."""
     named: "OrderedDict[str, nn.Module]" = OrderedDict()
     for n, m in model.named_modules():
-        if type(m).__name__ == "OptimizedModule":  # its _orig_mod comes next, under the same name
+        # a torch.compile or FSDP1 wrapper: the module it wraps comes next, under the same name
+        if type(m).__name__ in ("OptimizedModule", "FullyShardedDataParallel"):
             continue
-        named.setdefault(".".join(part for part in n.split(".") if part != "_orig_mod"), m)
+        named.setdefault(".".join(part for part in n.split(".") if part not in _WRAPPER_PARTS), m)
     return named
 
 
@@ -1261,14 +1266,14 @@ def _prepare_input(module: nn.Module, x: torch.Tensor):
 
 def _conv_per_sample_grad(module, x, grad_out, conv_args) -> torch.Tensor:
     stride, padding, dilation, groups = conv_args
-    if module.weight.dim() == 3:
+    if isinstance(module, nn.Conv1d):
         x, grad_out = x.unsqueeze(2), grad_out.unsqueeze(2)
         kernel = (1,) + tuple(module.kernel_size)
         stride, padding, dilation = (1,) + stride, (0,) + padding, (1,) + dilation
     else:
         kernel = tuple(module.kernel_size)
     per_sample = conv2d_per_sample_grad(x, grad_out, kernel, stride, padding, dilation, groups)
-    return per_sample.reshape((x.shape[0],) + tuple(module.weight.shape))
+    return per_sample.reshape((x.shape[0],) + _weight_shape(module))
 
 
 def _plain_weight_grad(module, x, grad_out, conv_args) -> torch.Tensor:
@@ -1276,9 +1281,17 @@ def _plain_weight_grad(module, x, grad_out, conv_args) -> torch.Tensor:
         g, xx = as_tokens(grad_out, "grad_out"), as_tokens(x, "x")
         return g.flatten(0, 1).t().matmul(xx.flatten(0, 1).to(g.dtype))
     stride, padding, dilation, groups = conv_args
-    w = module.weight
+    shape = _weight_shape(module)  # convolution_backward reads only the weight's shape
     _, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_out, x.to(grad_out.dtype), w.to(grad_out.dtype), None, list(stride), list(padding), list(dilation),
-        False, [0] * (w.dim() - 2), groups, [False, True, False],
+        grad_out, x.to(grad_out.dtype), grad_out.new_empty(shape), None, list(stride), list(padding), list(dilation),
+        False, [0] * (len(shape) - 2), groups, [False, True, False],
     )
     return grad_w
+
+
+def _weight_shape(module: nn.Module) -> Tuple[int, ...]:
+    """A tracked layer's weight shape from its own attributes: under FSDP1 with
+    ``use_orig_params=True`` ``module.weight`` is a flat shard outside the forward."""
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    return (module.out_channels, module.in_channels // module.groups) + tuple(module.kernel_size)

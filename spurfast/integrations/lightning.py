@@ -66,8 +66,9 @@ class NeuronStatsCallback(pl.Callback):
     ``NeuronStats.load(path, module)`` (to record on): assigned to ``callback.stats`` before
     the first ``fit``, it resumes from the file (the statistics are not part of Lightning's
     checkpoints). Under DDP every rank records its own
-    batches and the save sums them over ranks (rank 0 writes). Sharded strategies (FSDP,
-    DeepSpeed) are not supported: the statistics need each layer's whole weight.
+    batches and the save sums them over ranks (rank 0 writes). The sharded strategies (FSDP,
+    ModelParallel, DeepSpeed) are refused: the callback has not been tested with them
+    (NeuronStats itself is, under FSDP1 and ``fully_shard`` in a plain loop).
 
     Example::
 
@@ -121,8 +122,9 @@ class NeuronStatsCallback(pl.Callback):
         strategy = type(trainer.strategy).__name__
         if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel")):
             raise NotImplementedError(
-                f"NeuronStatsCallback: strategy {strategy} shards the weights, and the statistics need each "
-                "layer's whole weight in its forward; use a single device or DDP"
+                f"NeuronStatsCallback: strategy {strategy} shards the model and this callback has not been tested "
+                "with it; use a single device or DDP, or record NeuronStats in your own loop, where FSDP1 and "
+                "fully_shard are tested (tests/test_fsdp.py)"
             )
         if self.stats is not None and self._module_ref is None:
             self._module_ref = weakref.ref(pl_module)  # assigned before the first fit: resume from a file

@@ -63,6 +63,16 @@ def assert_restored(model):
         assert not module._forward_pre_hooks and not module._forward_hooks, name
 
 
+def _optimizer_step(opt, scaler):
+    """The trainers' optimizer step, through the GradScaler when there is one."""
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+    opt.zero_grad()
+
+
 def record_works(stats, model, inputs, group_ids):
     """A fresh record() block on ``stats`` runs and folds (nothing left open)."""
     before = int(stats.group_count.sum())
@@ -146,12 +156,7 @@ def _lightning_hand_loop(module0, loader, epochs, accumulate, reset_every_epoch=
                 loss = loss / accumulate
                 (loss if scaler is None else scaler.scale(loss)).backward()
             if (i + 1) % accumulate == 0 or i + 1 == len(loader):
-                if scaler is None:
-                    opt.step()
-                else:
-                    scaler.step(opt)
-                    scaler.update()
-                opt.zero_grad()
+                _optimizer_step(opt, scaler)
         snapshots.append(stats.state_dict())
         if reset_every_epoch:
             stats.reset()
@@ -365,12 +370,7 @@ def _hf_hand_loop(model0, batches, kind, accumulate, epochs=2, scaler=None):
                 with stats.record(group_ids, loss_scale=loss_scale):
                     loss = ref(**inputs)["loss"] * trainer_factor
                     (loss if scaler is None else scaler.scale(loss)).backward()
-            if scaler is None:
-                opt.step()
-            else:
-                scaler.step(opt)
-                scaler.update()
-            opt.zero_grad()
+            _optimizer_step(opt, scaler)
         snapshots.append(stats.state_dict())
     return ref, stats, snapshots
 

@@ -1086,7 +1086,10 @@ def _attention_children(named: "OrderedDict[str, nn.Module]") -> Dict[int, str]:
 def _read_stats_file(path) -> Tuple[Dict[str, object], Dict[str, torch.Tensor]]:
     """``(metadata, tensors)`` of a :meth:`NeuronStats.save` file, checked for a consistent
     layout (every table of every saved layer, with matching shapes) before anything uses it."""
-    from safetensors import SafetensorError, safe_open
+    import safetensors
+    from safetensors import safe_open
+
+    unreadable = getattr(safetensors, "SafetensorError", Exception)  # what a bad header raises
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -1095,7 +1098,7 @@ def _read_stats_file(path) -> Tuple[Dict[str, object], Dict[str, torch.Tensor]]:
         with safe_open(path, framework="pt", device="cpu") as f:
             raw = (f.metadata() or {}).get(_STATS_METADATA_KEY)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as exc:
+    except unreadable as exc:
         raise ValueError(f"{path!r} is not a safetensors file: {exc}") from None
     if raw is None:
         raise ValueError(f"{path!r} is not a spurfast NeuronStats file (no {_STATS_METADATA_KEY!r} metadata)")

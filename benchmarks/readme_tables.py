@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from spurfast.bench import compiled as compile_bench  # noqa: E402
 from spurfast.bench import cpu_backends  # noqa: E402
 from spurfast.bench import masked_step  # noqa: E402
 from spurfast.bench import profile as scoring_profile  # noqa: E402
@@ -66,6 +67,7 @@ TABLES = {
     "masked_step": (_json("masked_step/masked_step.json"), lambda r: masked_step.render(r)),
     "scoring_profile": (_json("scoring_profile/scoring_profile.json"), lambda r: scoring_profile.render(r)),
     "bench_cpu": (_json("bench_cpu/results.json"), lambda r: throughput.render_table(r)),
+    "compile_cpu": (_json("compile_cpu.json"), lambda r: compile_bench.render(r)),
     "bench_cpu_targets": (_json("bench_cpu/results.json"), lambda r: throughput.render_cpu_targets(r)),
     "batch_sweep": (_json("batch_sweep/batch_sweep.json"), lambda r: batch_sweep.render(r)),
     "example_tied": (_study("example_tied"), lambda r: example_tied.markdown_tables(r).strip()),

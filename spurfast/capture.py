@@ -773,8 +773,9 @@ class NeuronStats:
 
     def _forward_of(self, layer: _Layer):
         """The forward a tracked layer runs inside record(): one function object per layer for
-        the life of this NeuronStats, so that a compiled model's guards see the same forward in
-        every block (a fresh one would recompile at each record)."""
+        the life of this NeuronStats, reused by every block. (torch 2.13's dynamo guards only on
+        an instance ``forward`` being present, not on which: the first record on a compiled model
+        recompiles once, later blocks hit the cache; see the README's torch.compile section.)"""
         dynamo = sys.modules.get("torch._dynamo")  # loaded by torch.compile; never imported here
         key = (layer.name, dynamo is not None)
         if key not in self._forwards:

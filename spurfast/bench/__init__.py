@@ -8,6 +8,8 @@
 * :mod:`spurfast.bench.cpu_backends`: the ``cpp`` backend against the ``torch`` reference on CPU;
 * :mod:`spurfast.bench.profile`: where a CPU scoring step's time goes, per layer and phase;
 * :mod:`spurfast.bench.sweep`: the CPU scoring step against plain across batch sizes;
+* :mod:`spurfast.bench.compiled`: recording on a ``torch.compile``'d model against eager, its
+  compile times and the graph breaks dynamo reports;
 * :mod:`spurfast.bench.timing`, :mod:`spurfast.bench.environment`, :mod:`spurfast.bench.models`:
   what they share.
 

@@ -352,7 +352,7 @@ class NeuronStats:
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget everything recorded so far."""
-        if getattr(self, "_detached", False):
+        if self._detached:
             raise RuntimeError("reset() on a NeuronStats loaded without a model would drop its layers; "
                                "load it with the model (NeuronStats.load(path, model)) to record afresh")
         self.group_count = torch.zeros(self.num_groups, dtype=torch.int64)
@@ -482,7 +482,7 @@ class NeuronStats:
                 deferred.out = self._group_grad[n]
         for n, (count, mean, m2) in reduced.get("act", {}).items():
             self.act_count[n], self.act_mean[n], self._act_m2[n] = count, mean, m2
-        self._synced = copy.deepcopy(reduced)  # the tables above are in use: keep copies
+        self._synced = self._snapshot()
         self._unreduced = False
 
     def state_dict(self) -> Dict[str, object]:
@@ -537,15 +537,18 @@ class NeuronStats:
         from spurfast import distributed as dist
 
         self._unreduced = False
-        self._synced = None
-        if dist.world_size() > 1:
-            synced: Dict[str, object] = {"group_count": self.group_count}
-            for prefix, table in self._tables():
-                if prefix in ("grad_sq_sum", "ablation_sum", "group_grad"):
-                    synced[prefix] = table
-            if self.track_activations:
-                synced["act"] = {n: (self.act_count[n], self.act_mean[n], self._act_m2[n]) for n in self.act_count}
-            self._synced = copy.deepcopy(synced)
+        self._synced = self._snapshot() if dist.world_size() > 1 else None
+
+    def _snapshot(self) -> Dict[str, object]:
+        """Copies of the running tables in :meth:`all_reduce`'s layout (the tables themselves
+        stay in use): the base the next reduction subtracts."""
+        snapshot: Dict[str, object] = {"group_count": self.group_count}
+        for prefix, table in self._tables(flush=False):  # both callers have just flushed or loaded
+            if prefix in ("grad_sq_sum", "ablation_sum", "group_grad"):
+                snapshot[prefix] = table
+        if self.track_activations:
+            snapshot["act"] = {n: (self.act_count[n], self.act_mean[n], self._act_m2[n]) for n in self.act_count}
+        return copy.deepcopy(snapshot)
 
     # ------------------------------------------------------------------ files
     def save(self, path: Union[str, "os.PathLike[str]"]) -> str:
@@ -575,7 +578,7 @@ class NeuronStats:
         meta = {
             "format": _STATS_FORMAT, "spurfast_version": __version__,
             "num_groups": self.num_groups, "loss_reduction": self.loss_reduction, "layer_names": self.layer_names,
-            "group_grad_layers": self.group_grad_layers if self.track_group_grad else [],
+            "group_grad_layers": self.group_grad_layers,
             "track_activations": bool(self.track_activations), "track_ablation": bool(self.track_ablation),
         }
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}

@@ -11,13 +11,12 @@ Writes batch_sweep.json and batch_sweep.md into a new runs/batch_sweep-<time>/ u
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from spurfast.bench import sweep
-from spurfast.bench._flags import parse_list
+from spurfast.bench._flags import parse_list, render_file
 from spurfast.bench.environment import write_json, write_text
 from spurfast.bench.models import ALL_MODELS
 from spurfast.report.runs import new_run_dir
@@ -34,9 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--render", type=Path, default=None, metavar="JSON", help="only print the table of a results file")
     args = p.parse_args(argv)
     if args.render is not None:
-        data = json.loads(args.render.read_text())
-        print(sweep.render(data))
-        return data
+        return render_file(args.render, sweep.render)
     try:
         models = parse_list(args.models, ALL_MODELS, "--models")
         batches = [2, 4] if args.quick else [int(b) for b in args.batches.split(",")]

@@ -16,7 +16,6 @@ Writes ``compile_<device-name>.json`` into a new ``runs/compile_overhead-<time>/
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import List, Optional
 import torch
 
 from spurfast.bench import compiled
-from spurfast.bench._flags import parse_list
+from spurfast.bench._flags import parse_list, render_file
 from spurfast.bench.environment import check_device, device_name, slug, write_json
 from spurfast.report.runs import new_run_dir
 
@@ -56,9 +55,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                         help="only print the table of a results file")
     args = parser.parse_args(argv)
     if args.render is not None:
-        data = json.loads(args.render.read_text())
-        print(compiled.render(data))
-        return data
+        return render_file(args.render, compiled.render)
     try:
         check_device(args.device)
         settings = compiled.Settings(

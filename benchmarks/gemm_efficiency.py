@@ -15,7 +15,6 @@ unless ``--out FILE`` is given, rewritten after every shape.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from spurfast.bench import gemm
+from spurfast.bench._flags import render_file
 from spurfast.bench.environment import check_device, device_name, merge_into_existing, slug, write_json
 from spurfast.report.runs import new_run_dir
 
@@ -72,9 +72,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     if args.render is not None:
-        data = json.loads(args.render.read_text())
-        print(gemm.render_table(data))
-        return data
+        return render_file(args.render, gemm.render_table)
     name = device_name(torch.device(args.device))
     out = args.out or new_run_dir("gemm_efficiency") / f"gemm_efficiency_{slug(name)}.json"
     stub = {"environment": {"device": name, "torch": torch.__version__}, "settings": args.settings.record(), "results": []}

@@ -16,7 +16,6 @@ unless ``--out FILE`` is given, rewritten after every model.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from spurfast.bench import throughput
-from spurfast.bench._flags import parse_batch_sizes, parse_list
+from spurfast.bench._flags import parse_batch_sizes, parse_list, render_file
 from spurfast.bench.environment import check_device, device_name, merge_into_existing, slug, write_json
 from spurfast.bench.models import ALL_MODELS
 from spurfast.bench.peers import ALL_METHODS
@@ -85,9 +84,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     if args.render is not None:
-        data = json.loads(args.render.read_text())
-        print(throughput.render_table(data))
-        return data
+        return render_file(args.render, throughput.render_table)
     settings = args.settings
     name = device_name(torch.device(settings.device))
     out = args.out or new_run_dir("scoring_throughput") / f"scoring_{slug(name)}.json"

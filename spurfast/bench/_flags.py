@@ -1,8 +1,10 @@
 """Parsing of the list-valued flags the benchmark commands share; errors are ValueError
-naming the flag, so that a command can print them as one line."""
+naming the flag, so that a command can print them as one line. Also their ``--render``."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import json
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
 
 
 def parse_list(text: Optional[str], allowed: Sequence[str], flag: str) -> Optional[List[str]]:
@@ -39,3 +41,10 @@ def parse_batch_sizes(text: Optional[str], models: Sequence[str], flag: str = "-
     if bad:
         raise ValueError(f"{flag} must be positive, got {bad}")
     return sizes
+
+
+def render_file(path: Path, render: Callable[[dict], str]) -> dict:
+    """``--render JSON``: print the table of a results file; return its data."""
+    data = json.loads(Path(path).read_text())
+    print(render(data))
+    return data

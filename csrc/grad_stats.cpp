@@ -192,18 +192,62 @@ at::Tensor implicit_conv_products(const WideConv& wc) {
   return products;
 }
 
-// Gram matrices [n, wide, wide] of the implicit patches: sum over taps of rows x rows^T.
-at::Tensor implicit_conv_gram(const WideConv& wc) {
-  auto gram = at::empty({wc.n, wc.wide, wc.wide}, wc.xpad.options());
-  for (size_t t = 0; t < wc.offsets.size(); ++t) {
-    const auto rows = wc.tap_rows(t);
-    if (t == 0) {
-      at::bmm_out(gram, rows, rows.transpose(1, 2));
-    } else {
-      gram.baddbmm_(rows, rows.transpose(1, 2));
+// Gram matrices [n, L, L] of the im2col patches of an ungrouped convolution, without the
+// patches: patch (l, tap) reads input position p(l, tap) (or padding), so
+//   K_n[l, l'] = sum_tap XX_n[p(l, tap), p(l', tap)],   XX_n = X_n^T X_n,
+// X_n = [Cin, P] the sample's input positions: one bmm over channels (P^2 Cin per sample,
+// against L^2 Cin kh kw from the patches) and a gather over taps, for any stride, padding
+// and dilation. xx: [n, P + 1, P + 1], its last row and column zero, the position that a
+// read of the padding maps to; taps_pos: [taps, L] positions in [0, P].
+template <typename scalar_t>
+void gather_patch_gram(const scalar_t* xx, const int64_t* taps_pos, int64_t n, int64_t P, int64_t L,
+                       int64_t taps, scalar_t* gram) {
+  const int64_t stride = P + 1;
+#pragma omp parallel for schedule(static)
+  for (int64_t s = 0; s < n; ++s) {
+    const scalar_t* xs = xx + s * stride * stride;
+    scalar_t* out = gram + s * L * L;
+    std::fill(out, out + L * L, scalar_t(0));
+    for (int64_t t = 0; t < taps; ++t) {
+      const int64_t* pos = taps_pos + t * L;
+      for (int64_t l = 0; l < L; ++l) {
+        if (pos[l] == P) continue;  // a padding read: a zero row
+        const scalar_t* row = xs + pos[l] * stride;
+        scalar_t* dst = out + l * L;
+#pragma omp simd
+        for (int64_t m = 0; m < L; ++m) dst[m] += row[pos[m]];
+      }
     }
   }
-  return gram;
+}
+
+// [taps, L] input position (h * W + w) read by output position l at kernel tap (i, j); H * W
+// where that read falls in the padding.
+at::Tensor patch_positions(int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t kh, int64_t kw,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  auto pos = at::empty({kh * kw, Ho * Wo}, at::kLong);
+  auto* p = pos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j)
+      for (int64_t oh = 0; oh < Ho; ++oh)
+        for (int64_t ow = 0; ow < Wo; ++ow) {
+          const int64_t h = oh * stride[0] + i * dilation[0] - padding[0];
+          const int64_t w = ow * stride[1] + j * dilation[1] - padding[1];
+          *p++ = (h >= 0 && h < H && w >= 0 && w < W) ? h * W + w : H * W;
+        }
+  return pos;
+}
+
+// grad_sq[r] = <a[r, :], b[r, :]> for rows of length L; a, b: [rows, L] contiguous.
+template <typename scalar_t>
+void row_dots(const scalar_t* a, const scalar_t* b, int64_t rows, int64_t L, scalar_t* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < L; ++k) acc += a[r * L + k] * b[r * L + k];
+    out[r] = acc;
+  }
 }
 
 // products: [taps, n, C, D] (implicit_conv_products); grad_sq: [n, C]; group_grad: [G, taps, C, D].
@@ -396,19 +440,29 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
     return {grad_sq, group_grad.view({num_groups, Cout, Cin / groups, kh, kw})};
   }
 
-  // grad_sq from Gram matrices: built tap by tap (implicit) or from im2col patches.
-  if (implicit) {
-    const int64_t wide = grad_out_in.size(2) * (x_in.size(3) + 2 * padding[1]);
-    const int64_t step = chunk_samples(wide * (wide + Cout) + Cin * wide * 2, kWorkspaceElements);
+  // grad_sq from Gram matrices: from the input's own Gram (ungrouped convs) or from im2col
+  // patches (grouped ones): grad_sq[n, c] = g_nc^T K_n g_nc over the L output positions.
+  if (groups == 1) {
+    const int64_t H = x_in.size(2), W = x_in.size(3), P = H * W, taps = kh * kw;
+    const auto positions = patch_positions(H, W, grad_out_in.size(2), grad_out_in.size(3), kh, kw, stride,
+                                           padding, dilation);
+    const int64_t step = chunk_samples((P + 1) * (P + 1 + Cin) + L * L + 2 * Cout * L, kWorkspaceElements);
     for (int64_t s0 = 0; s0 < B; s0 += step) {
       const int64_t n = std::min(step, B - s0);
-      const WideConv wc(x.narrow(0, s0, n), g.narrow(0, s0, n), kh, kw, padding, dilation);
-      const auto gram = implicit_conv_gram(wc);                  // [n, wide, wide]
-      const auto gt = wc.gwide.transpose(1, 2).contiguous();     // [n, wide, Cout]
-      const auto kg = at::bmm(gram, gt);                         // [n, wide, Cout]
-      AT_DISPATCH_FLOATING_TYPES(acc, "contract_gram", [&] {
-        contract_gram<scalar_t>(kg.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(), n, wide, Cout,
-                                grad_sq.data_ptr<scalar_t>() + s0 * Cout);
+      // one zero position after the P real ones, for the reads of the padding
+      auto xs = at::zeros({n, Cin, P + 1}, x.options());
+      xs.narrow(2, 0, P).copy_(x.narrow(0, s0, n).view({n, Cin, P}));
+      const auto xx = at::bmm(xs.transpose(1, 2), xs);         // [n, P + 1, P + 1]
+      auto gram = at::empty({n, L, L}, x.options());
+      const auto gs = g.narrow(0, s0, n).view({n, Cout, L});
+      AT_DISPATCH_FLOATING_TYPES(acc, "gather_patch_gram", [&] {
+        gather_patch_gram<scalar_t>(xx.data_ptr<scalar_t>(), positions.data_ptr<int64_t>(), n, P, L, taps,
+                                    gram.data_ptr<scalar_t>());
+      });
+      const auto kg = at::bmm(gs, gram);                         // [n, Cout, L]; K_n is symmetric
+      AT_DISPATCH_FLOATING_TYPES(acc, "row_dots", [&] {
+        row_dots<scalar_t>(kg.data_ptr<scalar_t>(), gs.data_ptr<scalar_t>(), n * Cout, L,
+                           grad_sq.data_ptr<scalar_t>() + s0 * Cout);
       });
     }
   } else {

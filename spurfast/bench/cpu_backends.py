@@ -88,7 +88,10 @@ def auto_method(rec: dict) -> str:
         tokens = g.numel() // (g.shape[0] * g.shape[-1])
         return choose_method(tokens, m.out_features, m.in_features, "cpp")
     kh, kw = m.kernel_size
-    return choose_method(g.shape[2] * g.shape[3], m.out_channels // m.groups, m.in_channels // m.groups * kh * kw, "cpp")
+    x = rec["x"]
+    input_gram = (x.shape[2] * x.shape[3], x.shape[1]) if m.groups == 1 else None
+    return choose_method(g.shape[2] * g.shape[3], m.out_channels // m.groups, m.in_channels // m.groups * kh * kw, "cpp",
+                         linear=False, input_gram=input_gram)
 
 
 def describe(rec: dict) -> dict:

@@ -249,7 +249,11 @@ def auto_method(shape: LayerShape, backend: str) -> str:
     """The method ``method="auto"`` resolves to (spurfast's cost model)."""
     from spurfast.ops._common import choose_method
 
-    return choose_method(shape.positions, shape.out_channels // shape.groups, shape.reduction, backend)
+    if not shape.is_conv:
+        return choose_method(shape.positions, shape.out_channels, shape.reduction, backend)
+    input_gram = (shape.height * shape.width, shape.in_channels) if shape.groups == 1 else None
+    return choose_method(shape.positions, shape.out_channels // shape.groups, shape.reduction, backend,
+                         linear=False, input_gram=input_gram)
 
 
 def kernel_fn(shape: LayerShape, x, grad_out, group_ids, method: str):

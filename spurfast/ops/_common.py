@@ -151,7 +151,7 @@ def check_finite(t: torch.Tensor, name: str) -> None:
 
 
 def choose_method(tokens: int, out_features: int, in_features: int, backend: str = "cpp", linear: bool = True,
-                  group_sums: bool = False) -> str:
+                  group_sums: bool = False, input_gram: Optional[Tuple[int, int]] = None) -> str:
     """Pick the cheaper way to get ``grad_sq`` for one (sample, layer) of shape T x C x D.
 
     ``direct`` forms each sample's C x D gradient once (the GEMM that the weight gradient
@@ -167,6 +167,10 @@ def choose_method(tokens: int, out_features: int, in_features: int, backend: str
     32 multiply-adds' worth per element, and about 96 when it is also added into G sums
     (which no longer stay in cache between chunks of samples). In Triton a product stays in
     registers, but the per-sample dot pads T to the 16-wide MMA tile.
+
+    ``input_gram``: ``(input positions P, input channels)`` of an ungrouped convolution, whose
+    C++ Gram path forms the patches' Gram from the input's own ``P x P`` Gram (a gather over
+    the kernel taps) instead of from im2col patches.
     """
     t, c, d = tokens, out_features, in_features
     if backend == "triton":
@@ -175,7 +179,13 @@ def choose_method(tokens: int, out_features: int, in_features: int, backend: str
         if t == 1 and linear:
             return "direct"  # the linear kernel's rank-one case: grad_sq = g^2 * ||x||^2, no product at all
         direct = t * c * d + (96 if group_sums else 32) * c * d
-    gram = t * t * (d + c) + t * c * d * (2 if group_sums else 1)
+    if input_gram is not None and backend != "triton" and not linear:
+        positions, in_channels = input_gram
+        taps = max(1, d // max(1, in_channels))
+        gram = (positions + 1) ** 2 * in_channels + t * t * (taps + c)
+    else:
+        gram = t * t * (d + c)
+    gram += t * c * d * (2 if group_sums else 1)
     return "gram" if gram < direct else "direct"
 
 

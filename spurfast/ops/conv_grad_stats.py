@@ -251,6 +251,12 @@ def conv_grad_stats(
     return grad_sq, group_grad.reshape((num_groups,) + weight_shape)
 
 
+def input_gram_shape(x4: torch.Tensor, groups: int):
+    """``(input positions, channels)`` for :func:`choose_method` where the C++ Gram path builds
+    the patches' Gram from the input's own (ungrouped convolutions), else None."""
+    return (x4.shape[2] * x4.shape[3], x4.shape[1]) if groups == 1 else None
+
+
 def _conv2d_grad_stats_kernel(x4, g4, kernel, stride, padding, dilation, groups, group_ids, num_groups, backend, method):
     """The compiled op on 4-D inputs; a conv whose window covers its whole unpadded input at
     one output position is a Linear of one token (rank one: no product, dW by one GEMM)."""
@@ -264,7 +270,7 @@ def _conv2d_grad_stats_kernel(x4, g4, kernel, stride, padding, dilation, groups,
     if method == "auto":
         positions = g4.shape[2] * g4.shape[3]
         method = choose_method(positions, out_channels // groups, x4.shape[1] // groups * kernel[0] * kernel[1],
-                               backend, linear=False)
+                               backend, linear=False, input_gram=input_gram_shape(x4, groups))
     args = (x4, g4, list(kernel), list(stride), list(padding), list(dilation), groups, group_ids, num_groups, method)
     if backend == "triton" and x4.device.type == "cpu":  # the interpreter: call the kernels directly
         return _conv2d_grad_stats_triton(*args)

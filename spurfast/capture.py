@@ -104,9 +104,10 @@ class _Batch:
         self.per_sample_grad: Dict[str, torch.Tensor] = {}  # only for layers called several times
         self.grad_sq: Dict[str, torch.Tensor] = {}
         self.group_grad: Dict[str, torch.Tensor] = {}
-        self.act_sum: Dict[str, torch.Tensor] = {}  # [B, C] sum over calls of positions * mean
+        # [B, C] one call: its per-sample channel mean; several: the sum over calls of positions * mean
+        self.act_sum: Dict[str, torch.Tensor] = {}
         self.act_positions: Dict[str, int] = {}
-        self.act_moments: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.act_calls: Dict[str, int] = {}
         self.ablation: Dict[str, torch.Tensor] = {}  # [B, C] summed over calls, scaled to l_n
         self.staged: List["DeferredGroupGrad"] = []  # workspaces holding rows of this batch
         self.sample_ids: Optional[torch.Tensor] = None  # [B] int64 on the CPU, from record(sample_ids=)
@@ -827,21 +828,26 @@ class NeuronStats:
         return forward
 
     def _on_activation(self, layer: _Layer, batch: _Batch, out: torch.Tensor) -> None:
-        channel_dim = -1 if layer.kind == "linear" else 1
-        ids = batch.ids_on(out.device)
-        act, count, mean, m2 = activation_stats(
-            out, ids, self.num_groups, channel_dim=channel_dim, backend=self.backend, check_inputs=False
-        )
-        positions = out[0].numel() // layer.out_channels if out.shape[0] else 1
+        """Keep the call's per-sample channel means ``[B, C]``; the per-group moments of every
+        layer are formed at the block's exit, in one :func:`activation_stats` call."""
+        dtype = acc_dtype(out.dtype)
+        if layer.kind == "linear":  # [B, *, C]: mean over the tokens
+            act = out.reshape(out.shape[0], -1, out.shape[-1]).mean(1, dtype=dtype)
+            positions = out[0].numel() // out.shape[-1] if out.shape[0] else 1
+        else:  # [B, C, *spatial]
+            act = out.reshape(out.shape[0], out.shape[1], -1).mean(2, dtype=dtype)
+            positions = out[0, 0].numel() if out.shape[0] else 1
         if layer.name in batch.act_sum:
-            # not in place: the first call's entry may be the op's output itself
-            batch.act_sum[layer.name] = batch.act_sum[layer.name] + act * positions
+            previous = batch.act_sum[layer.name]
+            if batch.act_calls[layer.name] == 1:  # the second call: the first's entry is its mean
+                previous = previous * batch.act_positions[layer.name]
+            batch.act_sum[layer.name] = previous + act * positions
             batch.act_positions[layer.name] += positions
-            batch.act_moments.pop(layer.name, None)  # recomputed from the combined means at exit
-        else:
-            batch.act_sum[layer.name] = act * positions if positions != 1 else act
+            batch.act_calls[layer.name] += 1
+        else:  # one call (the usual case) keeps its mean as is
+            batch.act_sum[layer.name] = act
             batch.act_positions[layer.name] = positions
-            batch.act_moments[layer.name] = (count, mean, m2)
+            batch.act_calls[layer.name] = 1
 
     def _on_backward(self, layer: _Layer, x: torch.Tensor, grad_out: torch.Tensor, conv_args, output=None) -> Optional[torch.Tensor]:
         """Weight gradient of one call; records the batch statistics as a side effect.
@@ -917,8 +923,9 @@ class NeuronStats:
             method = choose_method(tokens, shape[0], shape[1], backend, group_sums=deferrable)
         else:
             groups = conv_args[3]
+            input_gram = (x[0, 0].numel(), x.shape[1]) if groups == 1 else None
             method = choose_method(grad_out[0, 0].numel(), shape[0] // groups, math.prod(shape[1:]), backend,
-                                   linear=False, group_sums=deferrable)
+                                   linear=False, group_sums=deferrable, input_gram=input_gram)
         return method, deferrable and method == "gram"
 
     def _stage_group_rows(self, batch: _Batch, layer: _Layer, x, grad_out, conv_args, ids) -> None:
@@ -982,46 +989,49 @@ class NeuronStats:
         batch.grad_done.add(layer.name)
 
     def _fold(self, batch: _Batch) -> None:
-        """Fold a finished batch into the running statistics, all or nothing."""
+        """Fold a finished batch into the running statistics, all or nothing.
+
+        Every table is reduced for all layers at once (their ``[B, C]`` tables side by side):
+        a few ops per batch instead of a dozen per layer, which on a small model cost more than
+        the sums themselves."""
         for name in list(batch.per_sample_grad):  # calls whose backward never came contribute zero
             self._finish_multi_call(batch, self._layers[name])
         any_grad = bool(batch.grad_sq)
-        last_grad_sq: Dict[str, torch.Tensor] = {}
-        if any_grad:
+
+        def per_layer(table: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            # A layer the loss did not reach has zero gradient for every sample.
+            out = {}
             for layer in self._layers.values():
-                w = layer.module.weight
-                # A layer the loss did not reach has zero gradient for every sample.
-                last_grad_sq[layer.name] = batch.grad_sq.get(
-                    layer.name, torch.zeros(batch.size, layer.out_channels, device=w.device)
-                )
-        ablation_full: Dict[str, torch.Tensor] = {}  # full precision, for the float64 sums
-        if any_grad and self.track_ablation:
-            for layer in self._layers.values():
-                w = layer.module.weight
-                ablation_full[layer.name] = batch.ablation.get(
-                    layer.name, torch.zeros(batch.size, layer.out_channels, device=w.device)
-                )
+                t = table.get(layer.name)
+                out[layer.name] = t if t is not None else torch.zeros(
+                    batch.size, layer.out_channels, device=layer.module.weight.device)
+            return out
+
+        last_grad_sq = per_layer(batch.grad_sq) if any_grad else {}
+        # full precision, for the float64 sums
+        ablation_full = per_layer(batch.ablation) if any_grad and self.track_ablation else {}
         last_ablation = {n: t.float() for n, t in ablation_full.items()}
-        last_act: Dict[str, torch.Tensor] = {}
-        moments = {}
-        for name, act_sum in batch.act_sum.items():
-            positions = batch.act_positions[name]
-            act = (act_sum / positions if positions != 1 else act_sum).float()
-            last_act[name] = act
-            if name in batch.act_moments:
-                moments[name] = batch.act_moments[name]
-            else:
-                _, count, mean, m2 = activation_stats(
-                    act.unsqueeze(-1), batch.ids_on(act.device), self.num_groups, backend=self.backend, check_inputs=False
-                )
-                moments[name] = (count, mean, m2)
+        act_full = {name: act if batch.act_calls[name] == 1 else act / batch.act_positions[name]
+                    for name, act in batch.act_sum.items()}  # full precision, for the float64 moments
+        last_act = {n: t.float() for n, t in act_full.items()}
         # Per-group float64 sums of the per-sample tables, read once; a NaN/Inf anywhere in a
         # table leaves its group's sum non-finite, so the sums double as the finiteness check.
-        sums = {table: {n: group_row_sums(t, batch.ids_on(t.device), self.num_groups, backend=self.backend,
-                                          check_inputs=False) for n, t in tables.items()}
-                for table, tables in (("grad_sq", last_grad_sq), ("ablation", ablation_full))}
-        finite = [_all_finite(t) for table in sums.values() for t in table.values()]
-        finite += [_all_finite(t) for t in last_act.values()]
+        sums, finite = {}, []
+        for table, tables in (("grad_sq", last_grad_sq), ("ablation", ablation_full)):
+            sums[table] = {}
+            for names, flat in _side_by_side(tables):
+                flat_sums = group_row_sums(flat, batch.ids_on(flat.device), self.num_groups, backend=self.backend,
+                                           check_inputs=False)
+                sums[table].update(zip(names, flat_sums.split([tables[n].shape[1] for n in names], dim=1)))
+                finite.append(torch.isfinite(flat_sums).all())
+        moments = {}  # per-group moments of the channel means, every layer's in one call per device
+        for names, flat in _side_by_side(act_full):
+            _, count, mean, m2 = activation_stats(flat.unsqueeze(-1), batch.ids_on(flat.device), self.num_groups,
+                                                  backend=self.backend, check_inputs=False)
+            channels = [act_full[n].shape[1] for n in names]
+            moments.update((n, (count, mean_l, m2_l)) for n, mean_l, m2_l in
+                           zip(names, mean.split(channels, 1), m2.split(channels, 1)))
+            finite.append(torch.isfinite(m2).all())  # a NaN/Inf mean leaves its group's m2 non-finite
         if finite and not bool(torch.stack([f.cpu() for f in finite]).all()):
             checked = list(last_grad_sq.items()) + list(last_act.items()) + list(last_ablation.items())
             bad = [n for n, t in checked if not bool(torch.isfinite(t).all())]
@@ -1031,26 +1041,72 @@ class NeuronStats:
             )
         if any_grad:
             counts = torch.bincount(batch.group_ids.cpu(), minlength=self.num_groups)
-            for name, grad_sq_sum in sums["grad_sq"].items():
-                self.grad_sq_sum[name].add_(grad_sq_sum)
-                if self.track_group_grad and name in batch.group_grad:
-                    self._group_grad[name].add_(batch.group_grad[name], alpha=batch.grad_scale)
-            for name, ablation_sum in sums["ablation"].items():
-                self.ablation_sum[name].add_(ablation_sum)
+            _add_all([self.grad_sq_sum[n] for n in sums["grad_sq"]], list(sums["grad_sq"].values()))
+            _add_all([self.ablation_sum[n] for n in sums["ablation"]], list(sums["ablation"].values()))
+            if self.track_group_grad:
+                for name, group_grad in batch.group_grad.items():
+                    self._group_grad[name].add_(group_grad, alpha=batch.grad_scale)
             self.group_count += counts
             self.last_sample_ids = batch.sample_ids
             self.last_grad_sq = last_grad_sq
             if self.track_ablation:
                 self.last_ablation = last_ablation
-        for name, (count, mean, m2) in moments.items():
-            self.act_count[name], self.act_mean[name], self._act_m2[name] = merge_group_moments(
-                self.act_count[name], self.act_mean[name], self._act_m2[name],
-                count.to(self.act_count[name].device), mean, m2,
-            )
+        self._merge_moments(moments)
         if last_act:
             self.last_act = last_act
         if any_grad or moments:
             self._unreduced = True
+
+    def _merge_moments(self, moments: Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Merge a batch's per-group activation moments into the running ones, every layer on a
+        device in one :func:`merge_group_moments` over their channels side by side."""
+        by_device: Dict[torch.device, List[str]] = {}
+        for name in moments:
+            by_device.setdefault(self.act_mean[name].device, []).append(name)
+        for device, names in by_device.items():
+            if len(names) == 1:
+                name = names[0]
+                count, mean, m2 = moments[name]
+                self.act_count[name], self.act_mean[name], self._act_m2[name] = merge_group_moments(
+                    self.act_count[name], self.act_mean[name], self._act_m2[name], count.to(device), mean, m2)
+                continue
+            channels = [self.act_mean[n].shape[1] for n in names]
+            # counts per layer and group, repeated over each layer's channels: [G, sum C]
+            count_a = torch.stack([self.act_count[n] for n in names])
+            count_b = torch.stack([moments[n][0].to(device) for n in names])
+            widths = torch.tensor(channels, device=device)
+            _, mean, m2 = merge_group_moments(
+                count_a.t().repeat_interleave(widths, dim=1), torch.cat([self.act_mean[n] for n in names], 1),
+                torch.cat([self._act_m2[n] for n in names], 1),
+                count_b.t().repeat_interleave(widths, dim=1), torch.cat([moments[n][1].to(device) for n in names], 1),
+                torch.cat([moments[n][2].to(device) for n in names], 1),
+            )
+            counts = (count_a + count_b).unbind(0)
+            for name, count, mean_l, m2_l in zip(names, counts, mean.split(channels, 1), m2.split(channels, 1)):
+                # copies: each layer's running moments own their storage (saved as separate tensors)
+                self.act_count[name], self.act_mean[name], self._act_m2[name] = (
+                    count.clone(), mean_l.contiguous(), m2_l.contiguous())
+
+
+def _side_by_side(tables: Dict[str, torch.Tensor]) -> List[Tuple[List[str], torch.Tensor]]:
+    """``[B, C_l]`` tables of several layers as one ``[B, sum C_l]`` table per device (columns
+    in the dict's order), with the layer names of its columns."""
+    by_device: Dict[torch.device, List[str]] = {}
+    for name, t in tables.items():
+        by_device.setdefault(t.device, []).append(name)
+    return [(names, tables[names[0]] if len(names) == 1 else torch.cat([tables[n] for n in names], dim=1))
+            for names in by_device.values()]
+
+
+def _add_all(targets: List[torch.Tensor], values: List[torch.Tensor]) -> None:
+    """``targets[i] += values[i]`` for every i, one foreach op where the lists share a device."""
+    if not targets:
+        return
+    if len({t.device for t in targets} | {v.device for v in values}) == 1:
+        torch._foreach_add_(targets, values)
+        return
+    for t, v in zip(targets, values):
+        t.add_(v.to(t.device))
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:
@@ -1246,14 +1302,6 @@ def _is_grad_scaler(obj) -> bool:  # torch.amp / torch.cuda.amp GradScaler
 def _tokens_per_sample(x: torch.Tensor) -> int:
     """T of a Linear input ``[B, *, D]`` (1 for ``[B, D]`` and for an empty batch)."""
     return x[0].numel() // x.shape[-1] if x.shape[0] else 1
-
-
-def _all_finite(t: torch.Tensor) -> torch.Tensor:
-    """0-dim bool: no NaN/Inf in ``t``. For float32 and narrower, one float64 sum (NaN and Inf
-    survive it, and finite values cannot overflow it) instead of isfinite's several passes."""
-    if t.dtype == torch.float64:
-        return torch.isfinite(t).all()
-    return torch.isfinite(t.sum(dtype=torch.float64))
 
 
 def _recorded_by(module: nn.Module) -> Optional[Tuple["NeuronStats", str]]:

@@ -121,11 +121,14 @@ def merge_group_moments(
     """Merge two sets of per-group moments (``count [G]``, ``mean [G, C]``, ``m2 [G, C]``).
 
     Chan et al.'s pairwise update, exact in exact arithmetic and stable in float64; a
-    group empty on one side takes the other side's moments unchanged.
+    group empty on one side takes the other side's moments unchanged. The counts may also be
+    ``[G, C]``, one per channel (several layers' channels side by side, each with its own counts).
     """
     count = count_a + count_b
-    n_a = count_a.to(mean_a.dtype).unsqueeze(1)
-    n_b = count_b.to(mean_a.dtype).unsqueeze(1)
+    n_a = count_a.to(mean_a.dtype)
+    n_b = count_b.to(mean_a.dtype)
+    if n_a.dim() == 1:
+        n_a, n_b = n_a.unsqueeze(1), n_b.unsqueeze(1)
     n = (n_a + n_b).clamp(min=1)
     delta = mean_b - mean_a
     mean = mean_a + delta * (n_b / n)

@@ -6,6 +6,7 @@
 // Moments are returned in float64 so that batches merge (Chan et al.) without drift.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <vector>
 
 #ifdef _OPENMP
@@ -45,21 +46,38 @@ void channel_means(const scalar_t* y, int64_t B, int64_t C, int64_t P, bool chan
   }
 }
 
-// Two passes over act (mean, then squared deviations) per group, parallel over channels.
+// Two passes over act (mean, then squared deviations) per group, parallel over blocks of
+// channels: each thread walks the rows of act in order over its own block, so the reads are
+// contiguous and no two threads write the same sums.
 template <typename scalar_t>
 void group_moments(const scalar_t* act, const int64_t* group_ids, int64_t B, int64_t C,
                    int64_t G, const int64_t* count, double* mean, double* m2) {
+  constexpr int64_t kBlock = 256;
+  const int64_t blocks = (C + kBlock - 1) / kBlock;
 #pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t g = 0; g < G; ++g) mean[g * C + c] = 0.0;
-    for (int64_t n = 0; n < B; ++n) mean[group_ids[n] * C + c] += static_cast<double>(act[n * C + c]);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t c0 = blk * kBlock, c1 = std::min(C, c0 + kBlock);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = c0; c < c1; ++c) mean[g * C + c] = 0.0, m2[g * C + c] = 0.0;
+    for (int64_t n = 0; n < B; ++n) {
+      const scalar_t* row = act + n * C;
+      double* sum = mean + group_ids[n] * C;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) sum[c] += static_cast<double>(row[c]);
+    }
     for (int64_t g = 0; g < G; ++g) {
-      mean[g * C + c] = count[g] > 0 ? mean[g * C + c] / static_cast<double>(count[g]) : 0.0;
-      m2[g * C + c] = 0.0;
+      const double inv = count[g] > 0 ? 1.0 / static_cast<double>(count[g]) : 0.0;
+      for (int64_t c = c0; c < c1; ++c) mean[g * C + c] *= inv;
     }
     for (int64_t n = 0; n < B; ++n) {
-      const double d = static_cast<double>(act[n * C + c]) - mean[group_ids[n] * C + c];
-      m2[group_ids[n] * C + c] += d * d;
+      const scalar_t* row = act + n * C;
+      const double* mu = mean + group_ids[n] * C;
+      double* dev = m2 + group_ids[n] * C;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) {
+        const double d = static_cast<double>(row[c]) - mu[c];
+        dev[c] += d * d;
+      }
     }
   }
 }
@@ -87,8 +105,8 @@ std::vector<at::Tensor> activation_stats_cpu(const at::Tensor& y_in, const at::T
   }
   auto act = at::empty({B, C}, y.options());
   auto count = at::bincount(gid, {}, num_groups);
-  auto mean = at::zeros({num_groups, C}, y.options().dtype(at::kDouble));
-  auto m2 = at::zeros({num_groups, C}, y.options().dtype(at::kDouble));
+  auto mean = at::empty({num_groups, C}, y.options().dtype(at::kDouble));  // zeroed by group_moments
+  auto m2 = at::empty({num_groups, C}, y.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(acc, "activation_stats", [&] {
     channel_means<scalar_t>(y.data_ptr<scalar_t>(), B, C, P, channels_last, act.data_ptr<scalar_t>());
     group_moments<scalar_t>(act.data_ptr<scalar_t>(), gid.data_ptr<int64_t>(), B, C, num_groups,

@@ -9,6 +9,8 @@
 // both statistics in one fused OpenMP pass ("direct" path). The "gram" path avoids
 // per-sample products entirely: grad_sq[n, c] = g_nc^T (X_n X_n^T) g_nc, which is
 // cheaper when T is small against C and D; group sums then come from one GEMM per group.
+// For an ungrouped convolution X_n X_n^T is gathered from the Gram of the sample's input
+// positions, so neither path writes an im2col patch matrix for stride-1 or Gram layers.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -149,48 +151,80 @@ void pad_planes(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, i
   }
 }
 
-struct WideConv {
-  at::Tensor xpad;   // [n, Cin, Hp + 1, Wp]
-  at::Tensor gwide;  // [n, Cout, Ho * Wp]
-  int64_t n, Cin, Cout, Wp, wide, plane;
-  std::vector<int64_t> offsets;  // per tap, into one sample's padded planes
+// Strided convolutions the same way, on phase images: with stride (sh, sw) (dilation 1) tap
+// (i, j) reads only padded rows = i mod sh and columns = j mod sw, so x is split into sh * sw
+// phase planes [Hph, Wph] (phase (a, b) holds padded rows a, a + sh, ... and columns b, b + sw,
+// ...), and in its phase the tap is a stride-1 shift by (i / sh, j / sw). Wph = Wo + (kw - 1) / sw
+// keeps every live read in its row; one more zero row keeps the wide columns' reads in bounds.
+template <typename scalar_t>
+void phase_planes(const scalar_t* src, scalar_t* dst, int64_t planes, int64_t H, int64_t W, int64_t sh,
+                  int64_t sw, int64_t top, int64_t left, int64_t Hph, int64_t Wph) {
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < planes; ++p) {
+    const scalar_t* s = src + p * H * W;
+    scalar_t* d = dst + p * sh * sw * Hph * Wph;
+    for (int64_t a = 0; a < sh; ++a)
+      for (int64_t b = 0; b < sw; ++b)
+        for (int64_t r = 0; r < Hph; ++r) {
+          const int64_t h = a + sh * r - top;
+          scalar_t* row = d + ((a * sw + b) * Hph + r) * Wph;
+          for (int64_t c = 0; c < Wph; ++c) {
+            const int64_t w = b + sw * c - left;
+            row[c] = (h >= 0 && h < H && w >= 0 && w < W) ? s[h * W + w] : scalar_t(0);
+          }
+        }
+  }
+}
 
-  WideConv(const at::Tensor& x, const at::Tensor& g, int64_t kh, int64_t kw, at::IntArrayRef padding,
-           at::IntArrayRef dilation)
+struct WideConv {
+  at::Tensor xpad;   // [n, Cin, phases, Hph, Wph] (stride 1: one phase, the padded input)
+  at::Tensor gwide;  // [n, Cout, Ho * Wph]
+  int64_t n, Cin, Cout, Wph, wide, plane, channel_stride;
+  std::vector<int64_t> offsets;  // per tap, into one sample's first channel
+
+  WideConv(const at::Tensor& x, const at::Tensor& g, int64_t kh, int64_t kw, at::IntArrayRef stride,
+           at::IntArrayRef padding, at::IntArrayRef dilation)
       : n(x.size(0)), Cin(x.size(1)), Cout(g.size(1)) {
-    const int64_t Ho = g.size(2), Wo = g.size(3);
-    const int64_t Hp = x.size(2) + 2 * padding[0];
-    Wp = x.size(3) + 2 * padding[1];
-    wide = Ho * Wp;
-    plane = (Hp + 1) * Wp;
-    xpad = at::empty({n, Cin, Hp + 1, Wp}, x.options());
-    gwide = at::empty({n, Cout, Ho, Wp}, g.options());
+    const int64_t Ho = g.size(2), Wo = g.size(3), sh = stride[0], sw = stride[1];
+    int64_t Hph;
+    if (sh == 1 && sw == 1) {
+      Hph = x.size(2) + 2 * padding[0] + 1;
+      Wph = x.size(3) + 2 * padding[1];
+    } else {
+      TORCH_CHECK(dilation[0] == 1 && dilation[1] == 1, "strided implicit convolution needs dilation 1");
+      Hph = Ho + (kh - 1) / sh + 1;
+      Wph = Wo + (kw - 1) / sw;
+    }
+    wide = Ho * Wph;
+    plane = Hph * Wph;
+    channel_stride = sh * sw * plane;
+    xpad = at::empty({n, Cin, sh * sw, Hph, Wph}, x.options());
+    gwide = at::empty({n, Cout, Ho, Wph}, g.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pad_planes", [&] {
-      pad_planes<scalar_t>(x.data_ptr<scalar_t>(), xpad.data_ptr<scalar_t>(), n * Cin, x.size(2), x.size(3),
-                           padding[0], padding[1], Hp + 1, Wp);
-      pad_planes<scalar_t>(g.data_ptr<scalar_t>(), gwide.data_ptr<scalar_t>(), n * Cout, Ho, Wo, 0, 0, Ho, Wp);
+      if (sh == 1 && sw == 1) {
+        pad_planes<scalar_t>(x.data_ptr<scalar_t>(), xpad.data_ptr<scalar_t>(), n * Cin, x.size(2), x.size(3),
+                             padding[0], padding[1], Hph, Wph);
+      } else {
+        phase_planes<scalar_t>(x.data_ptr<scalar_t>(), xpad.data_ptr<scalar_t>(), n * Cin, x.size(2), x.size(3),
+                               sh, sw, padding[0], padding[1], Hph, Wph);
+      }
+      pad_planes<scalar_t>(g.data_ptr<scalar_t>(), gwide.data_ptr<scalar_t>(), n * Cout, Ho, Wo, 0, 0, Ho, Wph);
     });
     gwide = gwide.view({n, Cout, wide});
     for (int64_t i = 0; i < kh; ++i)
-      for (int64_t j = 0; j < kw; ++j) offsets.push_back(i * dilation[0] * Wp + j * dilation[1]);
+      for (int64_t j = 0; j < kw; ++j) {
+        const int64_t phase = (i % sh) * sw + (j % sw);
+        offsets.push_back(phase * plane + (i / sh) * dilation[0] * Wph + (j / sw) * dilation[1]);
+      }
   }
 
-  // Tap t's input rows of every sample as [n, wide, Cin]: unit stride along positions, so a
-  // transposed BLAS operand; no copy.
-  at::Tensor tap_rows(size_t t) const {
-    return xpad.as_strided({n, wide, Cin}, {Cin * plane, 1, plane}, xpad.storage_offset() + offsets[t]);
+  // Tap t's input rows of samples [s0, s0 + count) as [count, wide, Cin]: unit stride along
+  // positions, so a transposed BLAS operand; no copy.
+  at::Tensor tap_rows(size_t t, int64_t s0, int64_t count) const {
+    return xpad.as_strided({count, wide, Cin}, {Cin * channel_stride, 1, channel_stride},
+                           xpad.storage_offset() + s0 * Cin * channel_stride + offsets[t]);
   }
 };
-
-// products: [taps, n, Cout, Cin], tap t holding every sample's gradient for that tap.
-at::Tensor implicit_conv_products(const WideConv& wc) {
-  auto products = at::empty({int64_t(wc.offsets.size()), wc.n, wc.Cout, wc.Cin}, wc.xpad.options());
-  for (size_t t = 0; t < wc.offsets.size(); ++t) {
-    auto dst = products[t];
-    at::bmm_out(dst, wc.gwide, wc.tap_rows(t));
-  }
-  return products;
-}
 
 // Gram matrices [n, L, L] of the im2col patches of an ungrouped convolution, without the
 // patches: patch (l, tap) reads input position p(l, tap) (or padding), so
@@ -250,25 +284,25 @@ void row_dots(const scalar_t* a, const scalar_t* b, int64_t rows, int64_t L, sca
   }
 }
 
-// products: [taps, n, C, D] (implicit_conv_products); grad_sq: [n, C]; group_grad: [G, taps, C, D].
+// One tap's products [n, C, D] of a chunk of samples, reduced while they are in cache:
+// grad_sq [n, C] += the rows' squares (the taps add up), tap_sums[g, c, :] += the rows, with
+// tap_sums the tap's slice of [G, taps, C, D] (group stride taps * C * D).
 template <typename scalar_t>
-void reduce_tap_products(const scalar_t* products, int64_t taps, int64_t n, int64_t C, int64_t D,
-                         const int64_t* group_ids, scalar_t* grad_sq, scalar_t* group_grad) {
+void reduce_tap_chunk(const scalar_t* products, int64_t n, int64_t C, int64_t D, const int64_t* group_ids,
+                      int64_t group_stride, scalar_t* grad_sq, scalar_t* tap_sums) {
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t s = 0; s < n; ++s) {
+      const scalar_t* row = products + (s * C + c) * D;
+      scalar_t* dst = tap_sums + group_ids[s] * group_stride + c * D;
       scalar_t sq = 0;
-      for (int64_t t = 0; t < taps; ++t) {
-        const scalar_t* row = products + ((t * n + s) * C + c) * D;
-        scalar_t* dst = group_grad + ((group_ids[s] * taps + t) * C + c) * D;
 #pragma omp simd reduction(+ : sq)
-        for (int64_t k = 0; k < D; ++k) {
-          const scalar_t v = row[k];
-          sq += v * v;
-          dst[k] += v;
-        }
+      for (int64_t k = 0; k < D; ++k) {
+        const scalar_t v = row[k];
+        sq += v * v;
+        dst[k] += v;
       }
-      grad_sq[s * C + c] = sq;
+      grad_sq[s * C + c] += sq;
     }
   }
 }
@@ -383,9 +417,12 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
   // The direct path accumulates into group_grad; the Gram path overwrites non-empty groups.
   // Below about 16 input channels a tap's GEMM is too thin to pay for itself (a 3-channel
   // stem: 5.1 ms implicit against 1.9 ms with im2col at 32x32); im2col is cheap there anyway.
-  const bool implicit = groups == 1 && Cin >= 16 && stride[0] == 1 && stride[1] == 1 &&
-                        grad_out_in.size(2) == x_in.size(2) + 2 * padding[0] - dilation[0] * (kh - 1) &&
-                        grad_out_in.size(3) == x_in.size(3) + 2 * padding[1] - dilation[1] * (kw - 1);
+  // Strided convs (dilation 1) run on phase images (WideConv).
+  const bool unit_stride = stride[0] == 1 && stride[1] == 1;
+  const bool implicit =
+      groups == 1 && Cin >= 16 && (unit_stride || (dilation[0] == 1 && dilation[1] == 1)) &&
+      grad_out_in.size(2) == (x_in.size(2) + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1 &&
+      grad_out_in.size(3) == (x_in.size(3) + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
   // The im2col direct path accumulates into group_grad; the other paths overwrite it.
   auto group_grad = (method == "direct" && !implicit) || B == 0
                         ? at::zeros({num_groups, Cout, Kg}, x.options())
@@ -406,16 +443,30 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
   if (implicit && method == "direct") {
     const int64_t taps = kh * kw;
     auto tap_sums = at::zeros({num_groups, taps, Cout, Cin}, x.options());  // group sums, tap-major
-    const int64_t step = chunk_samples(taps * Cout * Cin);
-    for (int64_t s0 = 0; s0 < B; s0 += step) {
-      const int64_t n = std::min(step, B - s0);
-      const auto products =
-          implicit_conv_products(WideConv(x.narrow(0, s0, n), g.narrow(0, s0, n), kh, kw, padding, dilation));
-      const auto gid = group_ids.narrow(0, s0, n).contiguous();
-      AT_DISPATCH_FLOATING_TYPES(acc, "reduce_tap_products", [&] {
-        reduce_tap_products<scalar_t>(products.data_ptr<scalar_t>(), taps, n, Cout, Cin, gid.data_ptr<int64_t>(),
-                                      grad_sq.data_ptr<scalar_t>() + s0 * Cout, tap_sums.data_ptr<scalar_t>());
-      });
+    grad_sq.zero_();
+    const auto gid = group_ids.contiguous();
+    // The padded (or phase) copies of x and grad_out for at most a 64 MiB workspace of samples at once
+    const int64_t Wwide = x_in.size(3) + 2 * padding[1] + kw;
+    const int64_t outer = chunk_samples(Cin * (x_in.size(2) + 2 * padding[0] + kh + 1) * Wwide +
+                                            Cout * grad_out_in.size(2) * Wwide, kWorkspaceElements);
+    // Per tap, chunks of samples whose products (about 2 MiB) stay in cache for their reduction.
+    const int64_t step = chunk_samples(Cout * Cin, kProductElements / 4);
+    auto products = at::empty({std::min(step, B), Cout, Cin}, x.options());
+    for (int64_t o0 = 0; o0 < B; o0 += outer) {
+      const int64_t m = std::min(outer, B - o0);
+      const WideConv wc(x.narrow(0, o0, m), g.narrow(0, o0, m), kh, kw, stride, padding, dilation);
+      for (int64_t t = 0; t < taps; ++t) {
+        for (int64_t s0 = 0; s0 < m; s0 += step) {
+          const int64_t n = std::min(step, m - s0);
+          auto dst = products.narrow(0, 0, n);
+          at::bmm_out(dst, wc.gwide.narrow(0, s0, n), wc.tap_rows(t, s0, n));
+          AT_DISPATCH_FLOATING_TYPES(acc, "reduce_tap_chunk", [&] {
+            reduce_tap_chunk<scalar_t>(dst.data_ptr<scalar_t>(), n, Cout, Cin, gid.data_ptr<int64_t>() + o0 + s0,
+                                       taps * Cout * Cin, grad_sq.data_ptr<scalar_t>() + (o0 + s0) * Cout,
+                                       tap_sums.data_ptr<scalar_t>() + t * Cout * Cin);
+          });
+        }
+      }
     }
     // [G, kh, kw, Cout, Cin] -> [G, Cout, Cin, kh, kw], the weight's layout.
     group_grad.view({num_groups, Cout, Cin, kh, kw})

@@ -507,8 +507,9 @@ def test_property_ablation_cpp_equals_torch(b, c, p, channels_last, with_bias, s
     ((3, 3), (1, 1), (1, 1), (1, 1)),  # 1x1 maps, padded: only the centre tap sees data
 ])
 def test_implicit_conv_path_matches_reference(kernel, padding, dilation, hw, method, has_ext):
-    """Stride-1 convs with >= 16 input channels take the im2col-free path (padded copy, one
-    batched GEMM per tap) for both methods; float64 against the per-sample definition."""
+    """Stride-1 convs with >= 16 input channels take the im2col-free paths (direct: a padded
+    copy and one batched GEMM per tap; gram: the input's own Gram gathered over the taps);
+    float64 against the per-sample definition."""
     torch.manual_seed(0)
     x = torch.randn(5, 16, *hw, dtype=torch.float64)
     weight_shape = (6, 16) + kernel
@@ -520,6 +521,30 @@ def test_implicit_conv_path_matches_reference(kernel, padding, dilation, hw, met
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert float(got[1][1].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("method", ["direct", "gram"])
+@pytest.mark.parametrize("kernel,stride,padding,dilation,hw", [
+    ((3, 3), (2, 2), (1, 1), (1, 1), (8, 8)),  # ResNet's downsampling conv
+    ((1, 1), (2, 2), (0, 0), (1, 1), (7, 7)),  # its 1x1 shortcut, odd size
+    ((3, 2), (3, 2), (2, 0), (1, 1), (10, 7)),  # strides differ per dim, kernel wider than stride in one
+    ((5, 5), (2, 3), (2, 1), (1, 1), (9, 11)),
+    ((3, 3), (2, 2), (1, 1), (2, 1), (9, 9)),  # dilated and strided: the im2col path
+])
+def test_strided_implicit_conv_path_matches_reference(kernel, stride, padding, dilation, hw, method, has_ext):
+    """Strided convs with >= 16 input channels and dilation 1 take the im2col-free path on
+    phase images (one per stride offset); float64 against the per-sample definition."""
+    torch.manual_seed(1)
+    x = torch.randn(7, 16, *hw, dtype=torch.float64)
+    weight_shape = (5, 16) + kernel
+    zero_w = torch.zeros(weight_shape, dtype=torch.float64)
+    grad_out = torch.randn_like(F.conv2d(x, zero_w, None, stride, padding, dilation))
+    group_ids = torch.tensor([1, 0, 1, 1, 0, 2, 0])
+    got = conv_grad_stats(x, grad_out, weight_shape, stride, padding, dilation, 1, group_ids, 3,
+                          backend="cpp", method=method)
+    want = conv_grad_stats_reference(x, grad_out, weight_shape, stride, padding, dilation, 1, group_ids, 3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 @given(

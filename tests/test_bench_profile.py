@@ -19,10 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_phases_add_up_to_each_layer_scope(backend, one_thread):
     torch.manual_seed(0)
-    # 16 input channels: the stride-1 conv takes the im2col-free path
-    model = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    # 16 input channels: the stride-1 conv takes the im2col-free path; at 12x12 the per-sample
+    # products (direct) cost less than the Gram path with its deferred group sums
+    model = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 12 * 12, 5))
     stats = sf.NeuronStats(model, num_groups=3, backend=backend)
-    x, y, g = torch.randn(10, 16, 6, 6), torch.randint(0, 5, (10,)), torch.arange(10) % 3
+    x, y, g = torch.randn(10, 16, 12, 12), torch.randint(0, 5, (10,)), torch.arange(10) % 3
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with stats.record(g):
             F.cross_entropy(model(x), y).backward()

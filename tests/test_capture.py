@@ -303,6 +303,54 @@ def test_unused_layer_has_zero_gradient_statistics(has_ext):
     assert stats.last_grad_sq["main.net.0"].abs().sum() > 0
 
 
+class _MixedPrecisionNet(nn.Module):
+    """A float64 layer feeding a float32 one, and a float64 head used only in some batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Linear(6, 5).double()
+        self.narrow = nn.Linear(5, 4)
+        self.side = nn.Linear(6, 3).double()
+
+    def forward(self, x, use_side):
+        out = self.narrow(torch.tanh(self.wide(x)).float()).double().sum(1)
+        return out + self.side(x).sum(1) if use_side else out
+
+
+def test_fold_of_layers_with_mixed_dtypes_and_skipped_batches_matches_per_layer_sums(has_ext):
+    """The fold reduces every layer's tables side by side; with layers of two dtypes and one
+    layer absent from a batch (so that its running counts differ from the others'), each
+    layer's running statistics still equal its own batches' sums and moments."""
+    torch.manual_seed(3)
+    model = _MixedPrecisionNet()
+    stats = sf.NeuronStats(model, num_groups=3)
+    seen = {n: {"grad_sq": [], "act": [], "ids": []} for n in stats.layer_names}
+    for step in range(3):
+        x = torch.randn(6, 6, dtype=torch.float64)
+        ids = torch.tensor([0, 1, 2, 0, 1, 0])
+        use_side = step != 1
+        with stats.record(ids):
+            model(x, use_side).square().mean().backward()
+        model.zero_grad()
+        for n in stats.layer_names:
+            if n in stats.last_act:
+                seen[n]["act"].append(stats.last_act[n].double())
+                seen[n]["ids"].append(ids)
+            seen[n]["grad_sq"].append((stats.last_grad_sq[n].double(), ids))
+    for n in stats.layer_names:
+        want = torch.zeros(3, stats.grad_sq_sum[n].shape[1], dtype=torch.float64)
+        for table, ids in seen[n]["grad_sq"]:
+            want.index_add_(0, ids, table)
+        torch.testing.assert_close(stats.grad_sq_sum[n], want, rtol=1e-6, atol=1e-12)
+        acts, ids = torch.cat(seen[n]["act"]), torch.cat(seen[n]["ids"])
+        for g in range(3):
+            rows = acts[ids == g]
+            assert int(stats.act_count[n][g]) == rows.shape[0]
+            torch.testing.assert_close(stats.act_mean[n][g], rows.mean(0), rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(stats.act_var[n][g], rows.var(0, unbiased=False), rtol=1e-5, atol=1e-9)
+    assert int(stats.act_count["side"].sum()) == 12 and int(stats.act_count["wide"].sum()) == 18
+
+
 def test_forward_only_record_updates_activations_only(has_ext):
     model, x, _ = _setup("mlp")
     stats = sf.NeuronStats(model, num_groups=2)

@@ -291,6 +291,29 @@ def test_merge_group_moments_equals_one_pass():
         assert torch.allclose(m2[g] / count[g], rows.var(0, unbiased=False))
 
 
+def test_merge_group_moments_with_per_channel_counts_equals_per_layer_merges():
+    """Two layers' channels side by side, each with its own counts ([G, C] counts), merge as
+    each layer would alone (how NeuronStats folds every layer at once)."""
+    torch.manual_seed(6)
+    ids_a, ids_b = torch.randint(0, 3, (9,)), torch.randint(0, 3, (5,))
+    first = [activation_stats_reference(torch.randn(n, c, 1, dtype=torch.float64), ids, 3, False)[1:]
+             for n, c, ids in ((9, 2, ids_a), (4, 3, ids_a[:4]))]  # the second layer saw fewer samples
+    batch = [activation_stats_reference(torch.randn(5, c, 1, dtype=torch.float64), ids_b, 3, False)[1:]
+             for c in (2, 3)]
+    alone = [merge_group_moments(*a, *b) for a, b in zip(first, batch)]
+    widths = torch.tensor([2, 3])
+    side = merge_group_moments(
+        torch.stack([a[0] for a in first]).t().repeat_interleave(widths, dim=1), torch.cat([a[1] for a in first], 1),
+        torch.cat([a[2] for a in first], 1),
+        torch.stack([b[0] for b in batch]).t().repeat_interleave(widths, dim=1), torch.cat([b[1] for b in batch], 1),
+        torch.cat([b[2] for b in batch], 1),
+    )
+    for i, (lo, hi) in enumerate(((0, 2), (2, 5))):
+        assert torch.equal(side[0][:, lo], alone[i][0])
+        torch.testing.assert_close(side[1][:, lo:hi], alone[i][1], rtol=0, atol=0)
+        torch.testing.assert_close(side[2][:, lo:hi], alone[i][2], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- property tests
 
 

@@ -208,7 +208,7 @@ def conv_grad_stats(
     check_floating(x, "x")
     check_floating(grad_out, "grad_out")
     weight_shape = tuple(int(s) for s in weight_shape)
-    x4, g4, kernel, stride, padding, dilation = _as_2d(x, grad_out, weight_shape, stride, padding, dilation)
+    x4, g4, _, _, _, _ = _as_2d(x, grad_out, weight_shape, stride, padding, dilation)
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     out_channels, in_per_group = weight_shape[:2]
@@ -226,7 +226,18 @@ def conv_grad_stats(
     if check_inputs:
         check_finite(x, "x")
         check_finite(grad_out, "grad_out")
+    return conv_grad_stats_unchecked(x, grad_out, weight_shape, stride, padding, dilation, groups, group_ids,
+                                     num_groups, backend, method)
+
+
+def conv_grad_stats_unchecked(x, grad_out, weight_shape, stride, padding, dilation, groups, group_ids, num_groups,
+                              backend, method):
+    """:func:`conv_grad_stats` on arguments known to be valid (``NeuronStats`` calls it from
+    every layer's backward): ``weight_shape`` a tuple of ints, ``group_ids`` int64 ``[B]`` on
+    x's device."""
+    x4, g4, kernel, stride, padding, dilation = _as_2d(x, grad_out, weight_shape, stride, padding, dilation)
     x4, g4 = common_dtype(x4, g4)
+    out_channels, in_per_group = weight_shape[:2]
     backend = resolve_backend(backend, x.device, x4.dtype)
     if backend == "torch":
         grad_sq, group_grad = conv2d_grad_stats_reference(

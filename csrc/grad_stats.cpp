@@ -130,7 +130,7 @@ std::pair<at::Tensor, std::vector<int64_t>> sort_by_group(const at::Tensor& grou
 // bounds) and grad_out into [n, Cout, Ho * Wp], zero beyond column Wo of each row. Over these
 // Ho * Wp "wide" positions, kernel tap (i, j) reads the padded input at the fixed offset
 // i * dh * Wp + j * dw: a strided [Cin, Ho * Wp] matrix per sample, and one batched GEMM per
-// tap covers all samples. Wide columns past Wo meet zeros in grad_out and add nothing.
+// tap covers a chunk of samples. Wide columns past Wo meet zeros in grad_out and add nothing.
 // dst planes [planes, Hd, Wd] = src planes [planes, H, W] placed at (top, left), zeros elsewhere;
 // one pass over dst (src contiguous).
 template <typename scalar_t>

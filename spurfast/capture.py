@@ -53,7 +53,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from spurfast._extension import warn_once
-from spurfast.ops._common import acc_dtype, check_group_ids, choose_method, reduce_per_sample_grad, resolve_backend
+from spurfast.ops._common import (
+    acc_dtype, check_group_ids, choose_method, input_gram_shape, reduce_per_sample_grad, resolve_backend,
+)
 from spurfast.ops.ablation_stats import ablation_stats
 from spurfast.ops.activation_stats import activation_stats, merge_group_moments
 from spurfast.ops.conv_grad_stats import conv2d_per_sample_grad, conv_grad_stats_unchecked, conv_padding
@@ -923,9 +925,8 @@ class NeuronStats:
             method = choose_method(tokens, shape[0], shape[1], backend, group_sums=deferrable)
         else:
             groups = conv_args[3]
-            input_gram = (x[0, 0].numel(), x.shape[1]) if groups == 1 else None
             method = choose_method(grad_out[0, 0].numel(), shape[0] // groups, math.prod(shape[1:]), backend,
-                                   linear=False, group_sums=deferrable, input_gram=input_gram)
+                                   linear=False, group_sums=deferrable, input_gram=input_gram_shape(x, groups))
         return method, deferrable and method == "gram"
 
     def _stage_group_rows(self, batch: _Batch, layer: _Layer, x, grad_out, conv_args, ids) -> None:

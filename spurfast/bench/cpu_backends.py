@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import spurfast as sf
 from spurfast.bench import timing
 from spurfast.bench.models import MLP, resnet18_width_stack
-from spurfast.ops._common import choose_method  # to report what method="auto" picks
+from spurfast.ops._common import choose_method, input_gram_shape  # to report what method="auto" picks
 
 NUM_GROUPS = 4
 NUM_CLASSES = 10
@@ -88,10 +88,8 @@ def auto_method(rec: dict) -> str:
         tokens = g.numel() // (g.shape[0] * g.shape[-1])
         return choose_method(tokens, m.out_features, m.in_features, "cpp")
     kh, kw = m.kernel_size
-    x = rec["x"]
-    input_gram = (x.shape[2] * x.shape[3], x.shape[1]) if m.groups == 1 else None
     return choose_method(g.shape[2] * g.shape[3], m.out_channels // m.groups, m.in_channels // m.groups * kh * kw, "cpp",
-                         linear=False, input_gram=input_gram)
+                         linear=False, input_gram=input_gram_shape(rec["x"], m.groups))
 
 
 def describe(rec: dict) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 from typing import Optional, Tuple
 
@@ -148,6 +149,13 @@ def check_floating(t: torch.Tensor, name: str) -> None:
 def check_finite(t: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(t).all()):
         raise FloatingPointError(f"{name} contains NaN or Inf")
+
+
+def input_gram_shape(x: torch.Tensor, groups: int) -> Optional[Tuple[int, int]]:
+    """``(input positions, input channels)`` of a convolution's input ``x [B, Cin, *spatial]``,
+    for :func:`choose_method`'s ``input_gram``: ungrouped convolutions only (their C++ Gram path
+    builds the patches' Gram from the input's own), else None."""
+    return (math.prod(x.shape[2:]), x.shape[1]) if groups == 1 else None
 
 
 def choose_method(tokens: int, out_features: int, in_features: int, backend: str = "cpp", linear: bool = True,

@@ -25,6 +25,7 @@ from spurfast.ops._common import (
     check_group_ids,
     check_method,
     choose_method,
+    input_gram_shape,
     live_padding,
     live_window,
     pair,
@@ -260,12 +261,6 @@ def conv_grad_stats_unchecked(x, grad_out, weight_shape, stride, padding, dilati
             group_grad = live.new_zeros((num_groups, out_channels, in_per_group) + kernel)
             group_grad[:, :, :, lo_h:hi_h, lo_w:hi_w] = live.view(group_grad[:, :, :, lo_h:hi_h, lo_w:hi_w].shape)
     return grad_sq, group_grad.reshape((num_groups,) + weight_shape)
-
-
-def input_gram_shape(x4: torch.Tensor, groups: int):
-    """``(input positions, channels)`` for :func:`choose_method` where the C++ Gram path builds
-    the patches' Gram from the input's own (ungrouped convolutions), else None."""
-    return (x4.shape[2] * x4.shape[3], x4.shape[1]) if groups == 1 else None
 
 
 def _conv2d_grad_stats_kernel(x4, g4, kernel, stride, padding, dilation, groups, group_ids, num_groups, backend, method):

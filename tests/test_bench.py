@@ -5,6 +5,7 @@ import argparse
 import doctest
 import importlib
 import json
+import platform
 import sys
 
 import pytest
@@ -65,6 +66,12 @@ def test_run_quick_writes_json_and_markdown(tmp_path, capsys):
     data = json.loads((out / "results.json").read_text())
     assert data["benchmark"] == "scoring_throughput" and data["environment"]["torch"] == torch.__version__
     assert data["environment"]["cpu_threads"] == 1
+    cpu = data["environment"]["cpu"]  # what tells two CPUs of one model name apart
+    if hasattr(torch.backends, "cpu") and hasattr(torch.backends.cpu, "get_cpu_capability"):
+        assert cpu["capability"] == torch.backends.cpu.get_cpu_capability()
+        assert cpu["capability"] in data["environment"]["device"]
+    if sys.platform.startswith("linux") and platform.machine() == "x86_64":
+        assert cpu["model_name"] and isinstance(cpu["simd"], list)
     s = data["settings"]
     assert s["quick"] and s["tiny"] and s["models"] == ["mlp"] and s["methods"] == list(peers.ALL_METHODS)
     entry = data["results"]["mlp"]

@@ -256,10 +256,12 @@ def test_cost_model_picks_gram_for_few_tokens_and_direct_for_many():
     assert choose_method(197, 384, 384) == "direct"
 
 
+@pytest.mark.parametrize("positions", [5, 1])  # 1: a Linear on one token (the mean is the output)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_activation_stats_matches_reference(channels_last, has_ext):
+def test_activation_stats_matches_reference(channels_last, positions, has_ext):
     torch.manual_seed(4)
-    y = torch.randn(9, 6, 5, dtype=torch.float64)  # [B, C, P] or [B, P=6, C=5]
+    shape = (9, positions, 6) if channels_last else (9, 6, positions)  # [B, P, C] or [B, C, P]
+    y = torch.randn(shape, dtype=torch.float64)
     ids = torch.tensor([0, 2, 2, 0, 0, 2, 2, 2, 0])
     got = activation_stats(y, ids, 4, channel_dim=-1 if channels_last else 1, backend="cpp")
     want = activation_stats_reference(y, ids, 4, channels_last)

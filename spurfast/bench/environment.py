@@ -8,7 +8,7 @@ import os
 import platform
 import re
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -52,24 +52,52 @@ def set_tf32_flags(flags: Tuple[bool, bool]) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = _cpu_model()
+    info = cpu_info()
+    model = info.get("model_name")
     cores = os.cpu_count()
+    # Two CPUs with one model name ("AMD EPYC" under a hypervisor) can differ twofold in the
+    # speed of torch's kernels: the family/model numbers and the vector ISA tell them apart.
+    detail = ", ".join(x for x in (
+        f"family {info['family']} model {info['model']}" if "family" in info and "model" in info else None,
+        info.get("capability"),
+    ) if x)
     arch = platform.machine() or "cpu"
+    where = f"{arch}, {detail}" if detail else arch
     if model:
-        return f"{model}, {cores} cores ({arch})" if cores else f"{model} ({arch})"
+        return f"{model}, {cores} cores ({where})" if cores else f"{model} ({where})"
     return platform.processor() or arch
 
 
-def _cpu_model() -> Optional[str]:
-    """The CPU's model name from /proc/cpuinfo (Linux), else None."""
+_SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "sve", "asimd")
+
+
+def cpu_info() -> Dict[str, object]:
+    """What identifies this CPU for timings: model name, family/model/stepping and the SIMD
+    flags of the first processor in /proc/cpuinfo (Linux; absent keys elsewhere), and the
+    vector ISA torch's CPU kernels dispatch to (``capability``)."""
+    info: Dict[str, object] = {}
+    fields = {"model name": "model_name", "cpu family": "family", "model": "model", "stepping": "stepping",
+              "cache size": "cache_size"}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() or None
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key in fields and value:
+                    info[fields[key]] = value
+                elif key in ("flags", "Features"):
+                    present = set(value.split())
+                    info["simd"] = [flag for flag in _SIMD_FLAGS if flag in present]
     except OSError:
-        return None
-    return None
+        pass
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    if capability is not None:
+        try:
+            info["capability"] = capability()
+        except Exception:  # metadata only
+            pass
+    return info
 
 
 def slug(name: str) -> str:
@@ -118,6 +146,7 @@ def environment(device: torch.device) -> dict:
         "device_type": device.type,
         "gpu_capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
         "cpu_threads": torch.get_num_threads(),
+        "cpu": cpu_info(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": version("triton") or version("pytorch-triton"),

@@ -41,17 +41,30 @@ int64_t chunk_samples(int64_t per_sample_elements, int64_t budget = kProductElem
 }
 
 // products: [n, C, D] contiguous; grad_sq: [n, C] rows of the output; group_grad: [G, C, D].
+// With weight [C, D] (else null), also ablation[n, c] = -<products[n, c], weight[c]> while
+// the row is in cache: the first-order effect of zeroing neuron c, with no layer output kept.
 template <typename scalar_t>
 void reduce_products(const scalar_t* products, int64_t n, int64_t C, int64_t D,
                      const int64_t* group_ids, scalar_t* grad_sq, scalar_t* group_grad,
-                     bool with_group_grad) {
+                     bool with_group_grad, const scalar_t* weight = nullptr,
+                     scalar_t* ablation = nullptr) {
   // Parallel over neurons: each thread owns whole rows of group_grad, so no atomics.
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* w = weight == nullptr ? nullptr : weight + c * D;
     for (int64_t s = 0; s < n; ++s) {
       const scalar_t* row = products + (s * C + c) * D;
-      scalar_t sq = 0;
-      if (with_group_grad) {
+      scalar_t sq = 0, dot = 0;
+      if (with_group_grad && w != nullptr) {
+        scalar_t* dst = group_grad + (group_ids[s] * C + c) * D;
+#pragma omp simd reduction(+ : sq, dot)
+        for (int64_t k = 0; k < D; ++k) {
+          const scalar_t v = row[k];
+          sq += v * v;
+          dot += v * w[k];
+          dst[k] += v;
+        }
+      } else if (with_group_grad) {
         scalar_t* dst = group_grad + (group_ids[s] * C + c) * D;
 #pragma omp simd reduction(+ : sq)
         for (int64_t k = 0; k < D; ++k) {
@@ -66,6 +79,7 @@ void reduce_products(const scalar_t* products, int64_t n, int64_t C, int64_t D,
         }
       }
       grad_sq[s * C + c] = sq;
+      if (w != nullptr) ablation[s * C + c] = -dot;
     }
   }
 }
@@ -308,6 +322,52 @@ void reduce_tap_chunk(const scalar_t* products, int64_t n, int64_t C, int64_t D,
 }
 }  // namespace
 
+// The direct path of a linear layer: per chunk of samples, products [n, C, D] by one batched
+// GEMM, reduced into grad_sq, group_grad (zeroed by the caller) and, with weight, ablation.
+static void direct_products(const at::Tensor& x, const at::Tensor& g, const at::Tensor& group_ids,
+                     const c10::optional<at::Tensor>& weight, at::Tensor& grad_sq, at::Tensor& group_grad,
+                     const c10::optional<at::Tensor>& ablation) {
+  const int64_t B = x.size(0), D = x.size(2), C = g.size(2);
+  const int64_t step = chunk_samples(C * D);
+  const auto gt = g.transpose(1, 2);  // [B, C, T]
+  for (int64_t s0 = 0; s0 < B; s0 += step) {
+    const int64_t n = std::min(step, B - s0);
+    const auto products = at::bmm(gt.narrow(0, s0, n), x.narrow(0, s0, n)).contiguous();
+    const auto gid = group_ids.narrow(0, s0, n).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "reduce_products", [&] {
+      reduce_products<scalar_t>(products.data_ptr<scalar_t>(), n, C, D, gid.data_ptr<int64_t>(),
+                                grad_sq.data_ptr<scalar_t>() + s0 * C, group_grad.data_ptr<scalar_t>(), true,
+                                weight ? weight->data_ptr<scalar_t>() : nullptr,
+                                ablation ? ablation->data_ptr<scalar_t>() + s0 * C : nullptr);
+    });
+  }
+}
+
+// x: [B, T, D], grad_out: [B, T, C], weight: [C, D], group_ids: [B] int64.
+// grad_sq, group_grad as linear_grad_stats_cpu's direct path, and ablation [B, C] =
+// -<dW_n[c], W[c]>, all from one pass over the per-sample products.
+std::vector<at::Tensor> linear_grad_stats_ablation_cpu(const at::Tensor& x_in, const at::Tensor& grad_out_in,
+                                                       const at::Tensor& weight_in, const at::Tensor& group_ids,
+                                                       int64_t num_groups) {
+  TORCH_CHECK(x_in.dim() == 3 && grad_out_in.dim() == 3, "x and grad_out must be 3-D [B, T, *]");
+  TORCH_CHECK(x_in.size(0) == grad_out_in.size(0) && x_in.size(1) == grad_out_in.size(1),
+              "x [B, T, D] and grad_out [B, T, C] must agree in B and T, got ", x_in.sizes(),
+              " and ", grad_out_in.sizes());
+  const int64_t B = x_in.size(0), D = x_in.size(2), C = grad_out_in.size(2);
+  TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(0) == C && weight_in.size(1) == D,
+              "weight must have shape [", C, ", ", D, "], got ", weight_in.sizes());
+  check_inputs(group_ids, B, num_groups);
+  const auto acc = acc_type(x_in.scalar_type());
+  const auto x = x_in.to(acc).contiguous();
+  const auto g = grad_out_in.to(acc).contiguous();
+  const auto w = weight_in.to(acc).contiguous();
+  auto grad_sq = at::empty({B, C}, x.options());
+  auto group_grad = at::zeros({num_groups, C, D}, x.options());
+  auto ablation = at::empty({B, C}, x.options());
+  if (B > 0) direct_products(x, g, group_ids, w, grad_sq, group_grad, ablation);
+  return {grad_sq, group_grad, ablation};
+}
+
 // x: [B, T, D], grad_out: [B, T, C], group_ids: [B] int64.
 // Returns grad_sq [B, C] and group_grad [G, C, D] in the accumulation dtype.
 std::vector<at::Tensor> linear_grad_stats_cpu(const at::Tensor& x_in, const at::Tensor& grad_out_in,
@@ -331,18 +391,7 @@ std::vector<at::Tensor> linear_grad_stats_cpu(const at::Tensor& x_in, const at::
   if (B == 0) return {grad_sq, group_grad};
 
   if (accumulate) {
-    const int64_t step = chunk_samples(C * D);
-    const auto gt = g.transpose(1, 2);  // [B, C, T]
-    for (int64_t s0 = 0; s0 < B; s0 += step) {
-      const int64_t n = std::min(step, B - s0);
-      const auto products = at::bmm(gt.narrow(0, s0, n), x.narrow(0, s0, n)).contiguous();
-      const auto gid = group_ids.narrow(0, s0, n).contiguous();
-      AT_DISPATCH_FLOATING_TYPES(acc, "reduce_products", [&] {
-        reduce_products<scalar_t>(products.data_ptr<scalar_t>(), n, C, D, gid.data_ptr<int64_t>(),
-                                  grad_sq.data_ptr<scalar_t>() + s0 * C,
-                                  group_grad.data_ptr<scalar_t>(), true);
-      });
-    }
+    direct_products(x, g, group_ids, c10::nullopt, grad_sq, group_grad, c10::nullopt);
     return {grad_sq, group_grad};
   }
 

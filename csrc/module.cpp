@@ -12,6 +12,8 @@
 namespace spurfast {
 std::vector<at::Tensor> linear_grad_stats_cpu(const at::Tensor&, const at::Tensor&,
                                               const at::Tensor&, int64_t, const std::string&);
+std::vector<at::Tensor> linear_grad_stats_ablation_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                       const at::Tensor&, int64_t);
 std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor&, const at::Tensor&,
                                               at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
                                               at::IntArrayRef, int64_t, const at::Tensor&, int64_t,
@@ -43,6 +45,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "spurfast native kernels";
   m.def("linear_grad_stats", &spurfast::linear_grad_stats_cpu,
         "grad_sq [B, C] and group_grad [G, C, D] of a linear layer (CPU)");
+  m.def("linear_grad_stats_ablation", &spurfast::linear_grad_stats_ablation_cpu,
+        "grad_sq [B, C], group_grad [G, C, D] and the removal effect [B, C] of a linear layer, "
+        "from its per-sample products (CPU)");
   m.def("conv2d_grad_stats", &spurfast::conv2d_grad_stats_cpu,
         "grad_sq [B, Cout] and group_grad [G, *W.shape] of a 2-D convolution (CPU)");
   m.def("activation_stats", &spurfast::activation_stats_cpu,

@@ -61,7 +61,12 @@ from spurfast.ops.activation_stats import activation_stats, merge_group_moments
 from spurfast.ops.conv_grad_stats import conv2d_per_sample_grad, conv_grad_stats_unchecked, conv_padding
 from spurfast.ops.group_grad import DeferredGroupGrad
 from spurfast.ops.group_row_sums import group_row_sums
-from spurfast.ops.linear_grad_stats import as_tokens, linear_grad_stats, linear_per_sample_grad
+from spurfast.ops.linear_grad_stats import (
+    as_tokens,
+    linear_grad_stats,
+    linear_grad_stats_with_ablation,
+    linear_per_sample_grad,
+)
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -134,8 +139,10 @@ class _LayerStatsFunction(torch.autograd.Function):
             stride, padding, dilation, groups = conv_args
             conv = F.conv1d if weight.dim() == 3 else F.conv2d
             out = conv(x, weight, bias, stride, padding, dilation, groups)
-        ctx.out = None
-        if owner.track_ablation:
+        ctx.out = ctx.out_version = ctx.bias = None
+        # Where the backward forms per-sample products (a Linear on several tokens), the removal
+        # effect comes from them and the weight: no output is kept (ViT-S: 116 MB at B=16).
+        if owner.track_ablation and not owner._ablation_from_products(layer, x, conv_args):
             # An alias, not save_for_backward: an in-place op on the output later is allowed and
             # detected through the shared version counter (the output is then recomputed).
             ctx.out = out.detach()
@@ -869,14 +876,22 @@ class NeuronStats:
         batch.grad_received[name] = batch.grad_received.get(name, 0) + 1
         ids = batch.ids_on(x.device)
         ablation = None
-        if output is not None:
+        single_call = batch.grad_calls.get(name, 0) == 1
+        from_products = (output is not None and output[0] is None and single_call
+                         and self._ablation_from_products(layer, x, conv_args))
+        if output is not None and not from_products:
             ablation = self._call_ablation(layer, x, grad_out, conv_args, *output) * batch.grad_scale
-        if batch.grad_calls.get(name, 0) == 1:
+        if single_call:
             method, deferred = self._method(layer, x, grad_out, conv_args)
             grouped = layer.name in self._group_grad_layers and not deferred
             num_groups = self.num_groups if grouped else 1
             op_ids = ids if grouped else torch.zeros_like(ids)
-            if conv_args is None:
+            if from_products:
+                grad_sq, group_grad, ablation = linear_grad_stats_with_ablation(
+                    x, grad_out, output[3], op_ids, num_groups, backend="cpp", check_inputs=False
+                )
+                ablation = ablation.mul_(batch.grad_scale) if batch.grad_scale != 1.0 else ablation
+            elif conv_args is None:
                 grad_sq, group_grad = linear_grad_stats(
                     x, grad_out, op_ids, num_groups, backend=self.backend, method=method, check_inputs=False
                 )
@@ -928,6 +943,18 @@ class NeuronStats:
             method = choose_method(grad_out[0, 0].numel(), shape[0] // groups, math.prod(shape[1:]), backend,
                                    linear=False, group_sums=deferrable, input_gram=input_gram_shape(x, groups))
         return method, deferrable and method == "gram"
+
+    def _ablation_from_products(self, layer: _Layer, x: torch.Tensor, conv_args) -> bool:
+        """Whether this call's removal effect comes from the backward's per-sample products
+        (:func:`linear_grad_stats_with_ablation`) rather than from its output: a Linear on
+        several tokens per sample whose statistics take the C++ direct path. A function of the
+        input's shape, dtype and device alone, so the forward (which then keeps no output) and
+        the backward agree; a call the backward handles otherwise recomputes ``W x``."""
+        if conv_args is not None or _tokens_per_sample(x) < 2:
+            return False
+        if resolve_backend(self.backend, x.device, x.dtype) != "cpp" or x.device.type != "cpu":
+            return False
+        return self._method(layer, x, None, None) == ("direct", False)
 
     def _stage_group_rows(self, batch: _Batch, layer: _Layer, x, grad_out, conv_args, ids) -> None:
         """Copy this call's rows into the layer's deferred workspace (committed at a clean exit)."""

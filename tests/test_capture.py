@@ -703,3 +703,48 @@ def test_track_ablation_false_keeps_no_ablation_and_state_dict_round_trips():
     del state["ablation_sum.2"]
     with pytest.raises(KeyError, match="ablation_sum.2"):
         copy_.load_state_dict(state)
+
+
+class TokenLinearTwice(nn.Module):
+    """A Linear on 40 tokens per sample (the direct path) called twice, and one called once."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.up = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.shared(x))
+        return self.head((self.up(x + self.shared(h))).mean(1))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_removal_effect_from_products_keeps_no_output_and_matches_torch_func(reduction, has_ext):
+    """Linears on many tokens take their removal effect from the backward's per-sample products
+    and the weight: no output is held from the forward to the backward, and the statistic is
+    torch.func's; a layer called twice (its backward sums per-sample gradients) recomputes W x."""
+    if not has_ext:
+        pytest.skip("compiled extension not built")
+    torch.manual_seed(11)
+    model = TokenLinearTwice().double().eval()
+    x, y = torch.randn(6, 40, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    ids = torch.tensor([0, 1, 1, 0, 2, 1])
+    per_sample = _per_sample_grads(model, x, y)  # of l_n, the statistic's objective under either reduction
+    stats = sf.NeuronStats(model, num_groups=3, backend="cpp", loss_reduction=reduction)
+    held = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: held.setdefault(name, []).append(o.grad_fn.out))
+             for name, m in model.named_children()]
+    try:
+        with stats.record(ids):
+            F.cross_entropy(model(x), y, reduction=reduction).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert held["up"] == [None] and all(out is None for out in held["shared"])  # 40 tokens: from products
+    assert held["head"][0] is not None  # one token per sample: no products to take it from
+    for name, module in model.named_children():
+        want = -(per_sample[f"{name}.weight"] * module.weight.detach()).flatten(2).sum(-1)
+        assert rel_err(stats.last_ablation[name], want) < TOL[torch.float32], name
+        want_sq = per_sample[f"{name}.weight"].flatten(2).square().sum(-1)
+        assert rel_err(stats.last_grad_sq[name], want_sq) < TOL[torch.float32], name

@@ -648,3 +648,39 @@ def test_dead_tap_convs_on_triton_match_torch_func(case, triton_interpreter):
 def _conv_out(spatial, kernel, stride, padding, dilation):
     return tuple((s + 2 * p - d * (k - 1) - 1) // st_ + 1
                  for s, k, st_, p, d in zip(spatial, kernel, stride, padding, dilation))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_linear_grad_stats_with_ablation_matches_per_sample_definition(dtype, tokens, has_ext):
+    """grad_sq and group_grad equal linear_grad_stats' direct path bit for bit; the removal
+    effect is -<dW_n[c], W[c]> = -sum_t (W x_t)_c g_tc, from products, outputs and torch.func."""
+    from spurfast.ops import linear_grad_stats_with_ablation, linear_grad_stats_with_ablation_reference
+    torch.manual_seed(12)
+    x, g = torch.randn(7, tokens, 5, dtype=dtype), torch.randn(7, tokens, 3, dtype=dtype)
+    w = torch.randn(3, 5, dtype=dtype)
+    ids = torch.tensor([0, 2, 2, 1, 0, 2, 0])
+    want = linear_grad_stats_with_ablation_reference(x.double(), g.double(), w.double(), ids, 3)
+    from_outputs = -((x.double() @ w.double().T) * g.double()).sum(1)
+    assert rel_err(want[2], from_outputs) < TOL[torch.float64]
+    backends = ["torch"] + (["cpp"] if has_ext else [])
+    for backend in backends:
+        got = linear_grad_stats_with_ablation(x, g, w, ids, 3, backend=backend)
+        for a, b in zip(got, want):
+            assert a.dtype == dtype and rel_err(a, b) < TOL[dtype], backend
+    if has_ext:
+        got = linear_grad_stats_with_ablation(x, g, w, ids, 3, backend="cpp")
+        direct = linear_grad_stats(x, g, ids, 3, backend="cpp", method="direct")
+        if tokens > 1:  # the same products, reduced in the same order
+            assert torch.equal(got[0], direct[0]) and torch.equal(got[1], direct[1])
+
+
+def test_linear_grad_stats_with_ablation_rejects_bad_inputs_clearly():
+    from spurfast.ops import linear_grad_stats_with_ablation
+    x, g, ids = torch.randn(4, 2, 5), torch.randn(4, 2, 3), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"weight must be a tensor of shape \[3, 5\]"):
+        linear_grad_stats_with_ablation(x, g, torch.randn(5, 3), ids, 1, backend="torch")
+    with pytest.raises(ValueError, match="weight must be a tensor"):
+        linear_grad_stats_with_ablation(x, g, None, ids, 1, backend="torch")
+    with pytest.raises(ValueError, match="'cpp' \\(CPU\\) or 'torch' backend"):
+        linear_grad_stats_with_ablation(x, g, torch.randn(3, 5), ids, 1, backend="triton")

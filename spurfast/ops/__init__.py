@@ -9,7 +9,12 @@ from spurfast.ops.activation_stats import activation_stats, activation_stats_ref
 from spurfast.ops.conv_grad_stats import conv2d_grad_stats_reference, conv_grad_stats, conv_grad_stats_reference
 from spurfast.ops.group_grad import DeferredGroupGrad, accumulate_group_grad, accumulate_group_grad_reference
 from spurfast.ops.group_row_sums import group_row_sums, group_row_sums_reference
-from spurfast.ops.linear_grad_stats import linear_grad_stats, linear_grad_stats_reference
+from spurfast.ops.linear_grad_stats import (
+    linear_grad_stats,
+    linear_grad_stats_reference,
+    linear_grad_stats_with_ablation,
+    linear_grad_stats_with_ablation_reference,
+)
 from spurfast.ops.masked_step import (
     masked_adam_step,
     masked_adam_step_reference,
@@ -32,6 +37,8 @@ __all__ = [
     "group_row_sums_reference",
     "linear_grad_stats",
     "linear_grad_stats_reference",
+    "linear_grad_stats_with_ablation",
+    "linear_grad_stats_with_ablation_reference",
     "masked_adam_step",
     "masked_adam_step_reference",
     "masked_sgd_step",

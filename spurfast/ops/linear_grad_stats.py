@@ -10,6 +10,11 @@ returns
 
 Backends: ``torch`` (the reference below; materialises per-sample gradients) and ``cpp``
 (``csrc/grad_stats.cpp``; memory O(B*C + G*C*D)).
+
+:func:`linear_grad_stats_with_ablation` also returns the removal effect
+``ablation [B, C] = -<dW_n[c], W[c]>`` (see :mod:`spurfast.ops.ablation_stats`), formed from
+the same per-sample products while they are in cache, so that the layer's output need not be
+kept until the backward (CPU, the direct path).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 from einops import einsum
 
 from spurfast._extension import require_extension
+from spurfast.ops.ablation_stats import ablation_stats_reference
 from spurfast.ops._common import (
     acc_dtype,
     common_dtype,
@@ -52,6 +58,20 @@ def _linear_grad_stats_triton(x, grad_out, group_ids, num_groups, method):
 lib.impl("linear_grad_stats", _linear_grad_stats_cpu, "CPU")
 lib.impl("linear_grad_stats", _linear_grad_stats_triton, "CUDA")
 
+lib.define(
+    "linear_grad_stats_ablation(Tensor x, Tensor grad_out, Tensor weight, Tensor group_ids, int num_groups)"
+    " -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _linear_grad_stats_ablation_cpu(x, grad_out, weight, group_ids, num_groups):
+    grad_sq, group_grad, ablation = require_extension("cpp").linear_grad_stats_ablation(
+        x, grad_out, weight, group_ids, num_groups)
+    return grad_sq, group_grad, ablation
+
+
+lib.impl("linear_grad_stats_ablation", _linear_grad_stats_ablation_cpu, "CPU")
+
 
 @register_fake("spurfast::linear_grad_stats")
 def _linear_grad_stats_fake(x, grad_out, group_ids, num_groups, method):
@@ -61,6 +81,12 @@ def _linear_grad_stats_fake(x, grad_out, group_ids, num_groups, method):
         x.new_empty((batch, out_features), dtype=dtype),
         x.new_empty((num_groups, out_features, in_features), dtype=dtype),
     )
+
+
+@register_fake("spurfast::linear_grad_stats_ablation")
+def _linear_grad_stats_ablation_fake(x, grad_out, weight, group_ids, num_groups):
+    grad_sq, group_grad = _linear_grad_stats_fake(x, grad_out, group_ids, num_groups, "direct")
+    return grad_sq, group_grad, grad_sq.new_empty(grad_sq.shape)
 
 
 def linear_per_sample_grad(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -161,3 +187,84 @@ def linear_grad_stats(
     if backend == "triton" and x.device.type == "cpu":  # the interpreter: call the kernels directly
         return _linear_grad_stats_triton(x3, g3, group_ids, num_groups, method)
     return torch.ops.spurfast.linear_grad_stats(x3, g3, group_ids, num_groups, method)
+
+
+def linear_grad_stats_with_ablation_reference(
+    x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, group_ids: torch.Tensor, num_groups: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-torch definition of :func:`linear_grad_stats_with_ablation`, from every per-sample gradient."""
+    check_floating(x, "x")
+    check_floating(grad_out, "grad_out")
+    x3, g3 = _as_token_pair(x, grad_out)
+    _check_weight(weight, g3.shape[2], x3.shape[2])
+    group_ids = check_group_ids(group_ids, x3.shape[0], num_groups).to(x.device)
+    return _with_ablation_torch(x3, g3, weight, group_ids, num_groups)
+
+
+def _with_ablation_torch(x3, g3, weight, group_ids, num_groups):
+    per_sample_grad = linear_per_sample_grad(x3, g3)  # [B, C, D]
+    grad_sq, group_grad = reduce_per_sample_grad(per_sample_grad, group_ids, num_groups)
+    return grad_sq, group_grad, ablation_stats_reference(per_sample_grad, weight).to(grad_sq.dtype)
+
+
+def _check_weight(weight: torch.Tensor, out_features: int, in_features: int) -> None:
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (out_features, in_features):
+        got = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a tensor of shape [{out_features}, {in_features}] ([C, D]), got {got}")
+    check_floating(weight, "weight")
+
+
+def linear_grad_stats_with_ablation(
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    weight: torch.Tensor,
+    group_ids: torch.Tensor,
+    num_groups: int,
+    *,
+    backend: str = "auto",
+    check_inputs: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`linear_grad_stats` and the removal effect ``ablation [B, C] = -<dW_n[c], W[c]>``.
+
+    The effect of zeroing neuron c on sample n's loss, to first order (what
+    :func:`spurfast.ops.ablation_stats` computes from the layer's output and its gradient),
+    taken here from the per-sample products that ``grad_sq`` needs anyway: no layer output
+    is read. Backends ``"cpp"`` (the direct path, one pass over each chunk's products) and
+    ``"torch"`` (per-sample gradients); ``"auto"`` is ``"cpp"`` on CPU.
+
+    Args:
+        weight: the layer's weight ``[C, D]`` at the forward (the bias does not enter).
+        x, grad_out, group_ids, num_groups, backend, check_inputs: as in :func:`linear_grad_stats`.
+
+    Returns:
+        ``grad_sq [B, C]``, ``group_grad [G, C, D]`` and ``ablation [B, C]``, float32 (float64
+        for float64 input).
+
+    Example::
+
+        >>> import torch, spurfast
+        >>> x, g, w = torch.randn(4, 6, 5), torch.randn(4, 6, 3), torch.randn(3, 5)
+        >>> _, _, ablation = spurfast.ops.linear_grad_stats_with_ablation(x, g, w, torch.arange(4) % 2, 2)
+        >>> torch.allclose(ablation, -((x @ w.T) * g).sum(1), atol=1e-4)
+        True
+    """
+    check_floating(x, "x")
+    check_floating(grad_out, "grad_out")
+    x3, g3 = _as_token_pair(x, grad_out)
+    _check_weight(weight, g3.shape[2], x3.shape[2])
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    group_ids = check_group_ids(group_ids, x3.shape[0], num_groups, check_range=check_inputs).to(x.device)
+    if check_inputs:
+        check_finite(x, "x")
+        check_finite(grad_out, "grad_out")
+    x3, g3 = common_dtype(x3, g3)
+    backend = resolve_backend(backend, x.device, x3.dtype)
+    if backend == "torch":
+        return _with_ablation_torch(x3, g3, weight, group_ids, num_groups)
+    if backend != "cpp" or x.device.type != "cpu":
+        raise ValueError(
+            f"linear_grad_stats_with_ablation runs on the 'cpp' (CPU) or 'torch' backend, got backend={backend!r} "
+            f"on {x.device}; elsewhere use linear_grad_stats and ablation_stats on the layer's output"
+        )
+    return torch.ops.spurfast.linear_grad_stats_ablation(x3, g3, weight.to(x3.dtype), group_ids, num_groups)

@@ -134,6 +134,20 @@ def _as_token_pair(x: torch.Tensor, grad_out: torch.Tensor) -> Tuple[torch.Tenso
     return x3, g3
 
 
+def _checked_inputs(x, grad_out, group_ids, num_groups, backend, check_inputs):
+    """The public ops' argument checks: ``(x3 [B, T, D], g3 [B, T, C], group_ids on x's device,
+    resolved backend)``, x3 and g3 in one dtype."""
+    check_floating(x, "x")
+    check_floating(grad_out, "grad_out")
+    x3, g3 = _as_token_pair(x, grad_out)
+    group_ids = check_group_ids(group_ids, x3.shape[0], num_groups, check_range=check_inputs).to(x.device)
+    if check_inputs:
+        check_finite(x, "x")
+        check_finite(grad_out, "grad_out")
+    x3, g3 = common_dtype(x3, g3)
+    return x3, g3, group_ids, resolve_backend(backend, x.device, x3.dtype)
+
+
 def linear_grad_stats(
     x: torch.Tensor,
     grad_out: torch.Tensor,
@@ -170,16 +184,8 @@ def linear_grad_stats(
         >>> torch.allclose(group_grad.sum(0), g.T @ x, atol=1e-5)
         True
     """
-    check_floating(x, "x")
-    check_floating(grad_out, "grad_out")
-    x3, g3 = _as_token_pair(x, grad_out)
-    group_ids = check_group_ids(group_ids, x3.shape[0], num_groups, check_range=check_inputs).to(x.device)
     check_method(method)
-    if check_inputs:
-        check_finite(x, "x")
-        check_finite(grad_out, "grad_out")
-    x3, g3 = common_dtype(x3, g3)
-    backend = resolve_backend(backend, x.device, x3.dtype)
+    x3, g3, group_ids, backend = _checked_inputs(x, grad_out, group_ids, num_groups, backend, check_inputs)
     if backend == "torch":
         return _linear_grad_stats_torch(x3, g3, group_ids, num_groups)  # inputs already checked
     if method == "auto":
@@ -248,18 +254,10 @@ def linear_grad_stats_with_ablation(
         >>> torch.allclose(ablation, -((x @ w.T) * g).sum(1), atol=1e-4)
         True
     """
-    check_floating(x, "x")
-    check_floating(grad_out, "grad_out")
-    x3, g3 = _as_token_pair(x, grad_out)
+    x3, g3, group_ids, backend = _checked_inputs(x, grad_out, group_ids, num_groups, backend, check_inputs)
     _check_weight(weight, g3.shape[2], x3.shape[2])
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
-    group_ids = check_group_ids(group_ids, x3.shape[0], num_groups, check_range=check_inputs).to(x.device)
-    if check_inputs:
-        check_finite(x, "x")
-        check_finite(grad_out, "grad_out")
-    x3, g3 = common_dtype(x3, g3)
-    backend = resolve_backend(backend, x.device, x3.dtype)
     if backend == "torch":
         return _with_ablation_torch(x3, g3, weight, group_ids, num_groups)
     if backend != "cpp" or x.device.type != "cpu":

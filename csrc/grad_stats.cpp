@@ -322,11 +322,19 @@ void reduce_tap_chunk(const scalar_t* products, int64_t n, int64_t C, int64_t D,
 }
 }  // namespace
 
+// x [B, T, D] and grad_out [B, T, C] of a linear layer, agreeing in B and T.
+static void check_token_pair(const at::Tensor& x, const at::Tensor& grad_out) {
+  TORCH_CHECK(x.dim() == 3 && grad_out.dim() == 3, "x and grad_out must be 3-D [B, T, *]");
+  TORCH_CHECK(x.size(0) == grad_out.size(0) && x.size(1) == grad_out.size(1),
+              "x [B, T, D] and grad_out [B, T, C] must agree in B and T, got ", x.sizes(),
+              " and ", grad_out.sizes());
+}
+
 // The direct path of a linear layer: per chunk of samples, products [n, C, D] by one batched
 // GEMM, reduced into grad_sq, group_grad (zeroed by the caller) and, with weight, ablation.
 static void direct_products(const at::Tensor& x, const at::Tensor& g, const at::Tensor& group_ids,
-                     const c10::optional<at::Tensor>& weight, at::Tensor& grad_sq, at::Tensor& group_grad,
-                     const c10::optional<at::Tensor>& ablation) {
+                            const c10::optional<at::Tensor>& weight, at::Tensor& grad_sq, at::Tensor& group_grad,
+                            const c10::optional<at::Tensor>& ablation) {
   const int64_t B = x.size(0), D = x.size(2), C = g.size(2);
   const int64_t step = chunk_samples(C * D);
   const auto gt = g.transpose(1, 2);  // [B, C, T]
@@ -349,10 +357,7 @@ static void direct_products(const at::Tensor& x, const at::Tensor& g, const at::
 std::vector<at::Tensor> linear_grad_stats_ablation_cpu(const at::Tensor& x_in, const at::Tensor& grad_out_in,
                                                        const at::Tensor& weight_in, const at::Tensor& group_ids,
                                                        int64_t num_groups) {
-  TORCH_CHECK(x_in.dim() == 3 && grad_out_in.dim() == 3, "x and grad_out must be 3-D [B, T, *]");
-  TORCH_CHECK(x_in.size(0) == grad_out_in.size(0) && x_in.size(1) == grad_out_in.size(1),
-              "x [B, T, D] and grad_out [B, T, C] must agree in B and T, got ", x_in.sizes(),
-              " and ", grad_out_in.sizes());
+  check_token_pair(x_in, grad_out_in);
   const int64_t B = x_in.size(0), D = x_in.size(2), C = grad_out_in.size(2);
   TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(0) == C && weight_in.size(1) == D,
               "weight must have shape [", C, ", ", D, "], got ", weight_in.sizes());
@@ -373,10 +378,7 @@ std::vector<at::Tensor> linear_grad_stats_ablation_cpu(const at::Tensor& x_in, c
 std::vector<at::Tensor> linear_grad_stats_cpu(const at::Tensor& x_in, const at::Tensor& grad_out_in,
                                               const at::Tensor& group_ids, int64_t num_groups,
                                               const std::string& method) {
-  TORCH_CHECK(x_in.dim() == 3 && grad_out_in.dim() == 3, "x and grad_out must be 3-D [B, T, *]");
-  TORCH_CHECK(x_in.size(0) == grad_out_in.size(0) && x_in.size(1) == grad_out_in.size(1),
-              "x [B, T, D] and grad_out [B, T, C] must agree in B and T, got ", x_in.sizes(),
-              " and ", grad_out_in.sizes());
+  check_token_pair(x_in, grad_out_in);
   TORCH_CHECK(method == "direct" || method == "gram", "method must be 'direct' or 'gram'");
   const int64_t B = x_in.size(0), T = x_in.size(1), D = x_in.size(2), C = grad_out_in.size(2);
   check_inputs(group_ids, B, num_groups);

@@ -877,12 +877,12 @@ class NeuronStats:
         ids = batch.ids_on(x.device)
         ablation = None
         single_call = batch.grad_calls.get(name, 0) == 1
+        method, deferred = self._method(layer, x, grad_out, conv_args) if single_call else (None, False)
         from_products = (output is not None and output[0] is None and single_call
-                         and self._ablation_from_products(layer, x, conv_args))
+                         and self._ablation_from_products(layer, x, conv_args, (method, deferred)))
         if output is not None and not from_products:
             ablation = self._call_ablation(layer, x, grad_out, conv_args, *output) * batch.grad_scale
         if single_call:
-            method, deferred = self._method(layer, x, grad_out, conv_args)
             grouped = layer.name in self._group_grad_layers and not deferred
             num_groups = self.num_groups if grouped else 1
             op_ids = ids if grouped else torch.zeros_like(ids)
@@ -944,17 +944,18 @@ class NeuronStats:
                                    linear=False, group_sums=deferrable, input_gram=input_gram_shape(x, groups))
         return method, deferrable and method == "gram"
 
-    def _ablation_from_products(self, layer: _Layer, x: torch.Tensor, conv_args) -> bool:
+    def _ablation_from_products(self, layer: _Layer, x: torch.Tensor, conv_args, method=None) -> bool:
         """Whether this call's removal effect comes from the backward's per-sample products
         (:func:`linear_grad_stats_with_ablation`) rather than from its output: a Linear on
         several tokens per sample whose statistics take the C++ direct path. A function of the
         input's shape, dtype and device alone, so the forward (which then keeps no output) and
-        the backward agree; a call the backward handles otherwise recomputes ``W x``."""
+        the backward agree; a call the backward handles otherwise recomputes ``W x``.
+        ``method``: :meth:`_method`'s answer for this call, where the caller has it."""
         if conv_args is not None or _tokens_per_sample(x) < 2:
             return False
         if resolve_backend(self.backend, x.device, x.dtype) != "cpp" or x.device.type != "cpu":
             return False
-        return self._method(layer, x, None, None) == ("direct", False)
+        return (method or self._method(layer, x, None, None)) == ("direct", False)
 
     def _stage_group_rows(self, batch: _Batch, layer: _Layer, x, grad_out, conv_args, ids) -> None:
         """Copy this call's rows into the layer's deferred workspace (committed at a clean exit)."""

@@ -31,6 +31,9 @@ constexpr int64_t kProductElements = int64_t(1) << 21;
 // im2col patches (or Gram matrices) held at once: a workspace of at most 64 MiB of float32;
 // larger chunks let one GEMM cover many samples.
 constexpr int64_t kWorkspaceElements = int64_t(1) << 24;
+// im2col patches of a small-map weight gradient held at once (4 MiB of float32; twice that
+// with the copy into GEMM layout), as spurfast/ops/group_grad.py's _PATCH_CHUNK_ELEMENTS.
+constexpr int64_t kPatchChunkElements = int64_t(1) << 20;
 
 at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -583,31 +586,55 @@ std::vector<at::Tensor> conv2d_grad_stats_cpu(const at::Tensor& x_in, const at::
       grad_sq.narrow(0, s0, n).copy_(sq.view({n, Cout}));
     }
   }
-  // Group sums: the library's own weight-gradient kernel on each group's samples.
+  // Group sums: a weight gradient of each group's samples. On small maps of a wide, ungrouped
+  // layer, im2col + one GEMM into the output (the same rule as spurfast/ops/group_grad.py's
+  // _im2col_pays; oneDNN's kernels ran at 7-40 GF/s there on an AVX2 host), else the library's own kernel.
   const auto weight_shape = std::vector<int64_t>{Cout, Cin / groups, kh, kw};
   const auto w_dummy = at::empty(weight_shape, x.options());
-  if (num_groups == 1) {  // the weight gradient itself, returned as is (no copy of |W|)
+  const bool by_im2col = groups == 1 && Cout >= 256 && kh * kw > 1 && L <= 16;
+  const auto weight_grad_into = [&](const at::Tensor& gs, const at::Tensor& xs, at::Tensor dst) {  // dst: [Cout, Kg]
+    if (by_im2col) {
+      const int64_t step = chunk_samples(L * Kg, kPatchChunkElements);
+      for (int64_t s0 = 0; s0 < xs.size(0); s0 += step) {
+        const int64_t n = std::min(step, xs.size(0) - s0);
+        const auto u = at::im2col(xs.narrow(0, s0, n), {kh, kw}, dilation, padding, stride);  // [n, Kg, L]
+        const auto patches = u.transpose(1, 2).reshape({n * L, Kg});
+        const auto rows = gs.narrow(0, s0, n).reshape({n, Cout, L}).transpose(0, 1).reshape({Cout, n * L});
+        if (s0 == 0) {
+          at::mm_out(dst, rows, patches);
+        } else {
+          dst.addmm_(rows, patches);
+        }
+      }
+      return;
+    }
+    auto grads = at::convolution_backward(gs, xs, w_dummy, c10::nullopt, stride, padding, dilation,
+                                          /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
+                                          {false, true, false});
+    dst.copy_(std::get<1>(grads).view({Cout, Kg}));
+  };
+  if (num_groups == 1 && !by_im2col) {  // the weight gradient itself, returned as is (no copy of |W|)
     auto grads = at::convolution_backward(g, x, w_dummy, c10::nullopt, stride, padding, dilation,
                                           /*transposed=*/false, /*output_padding=*/{0, 0}, groups,
                                           {false, true, false});
     return {grad_sq, std::get<1>(grads).unsqueeze(0)};
   }
+  if (num_groups == 1) {
+    weight_grad_into(g, x, group_grad[0]);
+    return {grad_sq, group_grad.view({num_groups, Cout, Cin / groups, kh, kw})};
+  }
   auto [order, offsets] = sort_by_group(group_ids, num_groups);
-  auto group_grad5 = group_grad.view({num_groups, Cout, Cin / groups, kh, kw});
   for (int64_t gi = 0; gi < num_groups; ++gi) {
     const int64_t lo = offsets[gi], hi = offsets[gi + 1];
     if (hi == lo) {
-      group_grad5[gi].zero_();
+      group_grad[gi].zero_();
       continue;
     }
     const auto idx = order.narrow(0, lo, hi - lo);
     const bool whole = hi - lo == B;  // one group holds the batch: no gather needed
-    auto grads = at::convolution_backward(
-        whole ? g : g.index_select(0, idx), whole ? x : x.index_select(0, idx), w_dummy, c10::nullopt, stride, padding,
-        dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, {false, true, false});
-    group_grad5[gi].copy_(std::get<1>(grads));
+    weight_grad_into(whole ? g : g.index_select(0, idx), whole ? x : x.index_select(0, idx), group_grad[gi]);
   }
-  return {grad_sq, group_grad5};
+  return {grad_sq, group_grad.view({num_groups, Cout, Cin / groups, kh, kw})};
 }
 
 }  // namespace spurfast

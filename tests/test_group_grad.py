@@ -11,6 +11,8 @@ CONV_CASES = [  # (x shape, weight shape, stride, padding, dilation, groups)
     ((5, 3, 7, 6), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),
     ((4, 4, 9, 8), (6, 2, 3, 2), (2, 1), (1, 0), (1, 2), 2),
     ((5, 3, 1, 2), (4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),  # rows past the 1-row map: only the live taps get sums
+    ((5, 4, 4, 4), (256, 4, 3, 3), (1, 1), (1, 1), (1, 1), 1),  # wide, 4x4 map: im2col + addmm_ into the sums
+    ((5, 3, 1, 3), (256, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),  # wide, live taps only: im2col into a strided slice
 ]
 
 
@@ -25,7 +27,7 @@ def _conv_rows(n, case, dtype=torch.float64):
     return x, torch.randn_like(out)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv0", "conv1", "conv2"])
+@pytest.mark.parametrize("kind", ["linear", "conv0", "conv1", "conv2", "conv3", "conv4"])
 def test_accumulate_matches_per_sample_reference(kind):
     torch.manual_seed(0)
     if kind == "linear":
@@ -42,6 +44,32 @@ def test_accumulate_matches_per_sample_reference(kind):
     accumulate_group_grad_reference(want, x, g, ids, conv_args)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert torch.equal(got[1], start[1])
+
+
+def test_wide_small_map_flush_takes_im2col_in_chunks(monkeypatch):
+    """The im2col flush of a wide layer on a small map, with chunks of 2 samples, equals the
+    per-sample reference; the rule that picks it is the one the docstring states."""
+    import spurfast.ops.group_grad as group_grad_module
+
+    torch.manual_seed(4)
+    case = CONV_CASES[3]
+    x, g = _conv_rows(7, case)
+    conv_args = case[2:]
+    assert group_grad_module._im2col_pays(torch.empty(case[1], dtype=torch.float64), g, conv_args)
+    assert not group_grad_module._im2col_pays(torch.empty(128, 4, 3, 3, dtype=torch.float64), g, conv_args)
+    x8, g8 = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 256, 8, 8, dtype=torch.float64)
+    assert not group_grad_module._im2col_pays(torch.empty(case[1], dtype=torch.float64), g8, conv_args)
+    chunks = []  # samples per im2col call
+    unfold = F.unfold
+    monkeypatch.setattr(F, "unfold", lambda x, *a, **k: (chunks.append(x.shape[0]), unfold(x, *a, **k))[1])
+    monkeypatch.setattr(group_grad_module, "_PATCH_CHUNK_ELEMENTS", 2 * 16 * 36)  # 2 samples of 16 x 36
+    ids = torch.tensor([0, 1, 1, 0, 1, 1, 1])
+    got = torch.randn((2,) + case[1], dtype=torch.float64)
+    want = got.clone()
+    accumulate_group_grad(got, x, g, ids, conv_args)
+    accumulate_group_grad_reference(want, x, g, ids, conv_args)
+    assert chunks == [2, 2, 2, 1]  # group 0's 2 rows, then group 1's 5
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("workspace_bytes", [0, 1, 4000, 10**7])

@@ -110,6 +110,56 @@ def test_conv_matches_torch_func(case, method, has_ext):
         assert rel_err(group_grad, want_gg) < TOL[torch.float64]
 
 
+WIDE_SMALL_MAP_CASES = [  # (in_ch, out_ch, spatial, kernel, stride, padding, dilation): the im2col weight gradient
+    (6, 256, (4, 4), (3, 3), 1, 1, 1),   # 4x4 map
+    (5, 256, (4, 4), (3, 3), 2, 1, 1),   # stride 2: 2x2 map
+    (3, 260, (3, 5), (2, 3), 1, (0, 1), (1, 2)),  # uneven kernel, padding and dilation; 2x1 map
+]
+
+
+@pytest.mark.parametrize("case", WIDE_SMALL_MAP_CASES)
+@pytest.mark.parametrize("num_groups", [1, 3])
+def test_conv_gram_group_sums_on_wide_small_maps_match_torch_func(case, num_groups, has_ext):
+    """At least 256 output channels and at most 16 positions: the C++ Gram path forms the group
+    sums (and dW when there is one group) by im2col + GEMM instead of convolution_backward."""
+    cin, cout, spatial, kernel, stride, padding, dilation = case
+    torch.manual_seed(2)
+    weight_shape = (cout, cin) + kernel
+    x = torch.randn((5, cin) + spatial, dtype=torch.float64)
+    g = torch.randn_like(F.conv2d(x, torch.zeros(weight_shape, dtype=torch.float64), None, stride, padding, dilation))
+    assert g[0, 0].numel() <= 16
+    group_ids = torch.tensor([1, 0, 1, 1, 2]) if num_groups == 3 else torch.zeros(5, dtype=torch.long)
+    want_sq, want_gg = _expected(_func_conv(x, g, weight_shape, stride, padding, dilation, 1), group_ids, num_groups)
+    grad_sq, group_grad = conv_grad_stats(
+        x, g, weight_shape, stride, padding, dilation, 1, group_ids, num_groups, backend="cpp", method="gram"
+    )
+    assert rel_err(grad_sq, want_sq) < TOL[torch.float64]
+    assert rel_err(group_grad, want_gg) < TOL[torch.float64]
+
+
+def test_conv_im2col_weight_gradient_across_sample_chunks(has_ext):
+    """60 samples of 128x9 patches at 16 positions fill more than one 2^20-element chunk:
+    the chunks' GEMMs add up to the weight gradient, per group and over the batch."""
+    torch.manual_seed(3)
+    x = torch.randn(60, 128, 4, 4, dtype=torch.float64)
+    g = torch.randn(60, 256, 4, 4, dtype=torch.float64)
+    weight_shape = (256, 128, 3, 3)
+
+    def weight_grad(rows):
+        return torch.ops.aten.convolution_backward(
+            g[rows], x[rows], x.new_empty(weight_shape), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+            [False, True, False])[1]
+
+    everything = torch.arange(60)
+    _, total = conv_grad_stats(x, g, weight_shape, 1, 1, 1, 1, torch.zeros(60, dtype=torch.long), 1,
+                               backend="cpp", method="gram")
+    assert rel_err(total[0], weight_grad(everything)) < TOL[torch.float64]
+    group_ids = everything % 2
+    _, per_group = conv_grad_stats(x, g, weight_shape, 1, 1, 1, 1, group_ids, 2, backend="cpp", method="gram")
+    for gi in range(2):
+        assert rel_err(per_group[gi], weight_grad(everything[group_ids == gi])) < TOL[torch.float64]
+
+
 STRING_PADDING_CASES = [  # (in_ch, out_ch, spatial, kernel, dilation, groups, padding)
     (3, 4, (6, 5), (3, 3), 1, 1, "same"),  # odd kernel: symmetric
     (3, 4, (6, 5), (4, 4), 1, 1, "same"),  # even kernel: extra row/column at the bottom/right

@@ -37,6 +37,43 @@ def _weight_grad(x: torch.Tensor, grad_out: torch.Tensor, weight_shape: Sequence
     return grad_w
 
 
+# Patch elements one im2col chunk of a small-map flush holds (4 MiB of float32; twice that
+# with the copy into GEMM layout), so the flush stays within a bounded workspace.
+_PATCH_CHUNK_ELEMENTS = 1 << 20
+
+
+def _im2col_pays(out_g: torch.Tensor, rows_g: torch.Tensor, conv_args: ConvArgs) -> bool:
+    """Whether ``dW`` of these conv rows is better done as im2col + GEMM than by
+    ``convolution_backward``: an ungrouped 2-D conv of at least 256 output channels, several
+    live taps and at most 16 output positions. There oneDNN's CPU weight-gradient kernels ran
+    at 7-40 GF/s on the AVX2 host of ``benchmarks/results/scoring_profile`` (a 512x512 layer on
+    4x4 maps: 58 ms per batch of deferred sums against 32 ms this way), while the patch matrix
+    is still small next to the GEMM; on 8x8 maps, or with 128 channels, oneDNN was as fast or faster."""
+    return (conv_args[3] == 1 and out_g.dim() == 4 and out_g.shape[0] >= 256 and out_g.shape[2] * out_g.shape[3] > 1
+            and rows_g.shape[2] * rows_g.shape[3] <= 16 and out_g.dtype == rows_g.dtype and out_g.device == rows_g.device)
+
+
+def _add_rows_im2col(out_g: torch.Tensor, rows_x: torch.Tensor, rows_g: torch.Tensor, conv_args: ConvArgs) -> None:
+    """``out_g [Cout, Cin, kh, kw] += sum_n G_n^T U_n`` with ``U_n`` the im2col patches
+    ``[L, Cin*kh*kw]`` of sample n, in chunks of samples; added by ``addmm_`` straight into
+    ``out_g`` when it is contiguous (no ``|W|`` temporary)."""
+    stride, padding, dilation, _ = conv_args
+    out_channels, positions = rows_g.shape[1], rows_g.shape[2] * rows_g.shape[3]
+    patch = out_g[0].numel()  # Cin * kh * kw
+    dst = out_g.view(out_channels, patch) if out_g.is_contiguous() else None
+    step = max(1, _PATCH_CHUNK_ELEMENTS // (positions * patch))
+    for s0 in range(0, rows_x.shape[0], step):
+        x, g = rows_x[s0:s0 + step], rows_g[s0:s0 + step]
+        n = x.shape[0]
+        patches = torch.nn.functional.unfold(x, out_g.shape[2:], dilation=dilation, padding=padding, stride=stride)
+        patches = patches.transpose(1, 2).reshape(n * positions, patch)  # [n*L, K]
+        grads = g.reshape(n, out_channels, positions).transpose(0, 1).reshape(out_channels, n * positions)  # [Cout, n*L]
+        if dst is not None:
+            dst.addmm_(grads, patches)
+        else:
+            out_g.add_(grads.mm(patches).view(out_g.shape))
+
+
 def _add_rows(out_g: torch.Tensor, rows_x: torch.Tensor, rows_g: torch.Tensor, conv_args: ConvArgs) -> None:
     """``out_g += dW`` of one group's rows, straight into ``out_g`` for a Linear of its dtype
     and device (``dW`` is formed on the rows' device: sums kept on the CPU get one copy)."""
@@ -50,6 +87,9 @@ def _add_rows(out_g: torch.Tensor, rows_x: torch.Tensor, rows_g: torch.Tensor, c
         if window is not None:  # taps that read only padding get nothing: skip them
             live = (slice(None), slice(None)) + tuple(slice(lo, hi) for lo, hi in window)
             out_g, conv_args = out_g[live], (stride, live_padding(padding, window, dilation), dilation, groups)
+        if rows_x.device.type == "cpu" and _im2col_pays(out_g, rows_g, conv_args):
+            _add_rows_im2col(out_g, rows_x, rows_g, conv_args)
+            return
     out_g.add_(_weight_grad(rows_x, rows_g, out_g.shape, conv_args).to(out_g.device, out_g.dtype))
 
 

@@ -8,7 +8,7 @@ time of every op under a scope to one phase, so a layer's phases add up to its s
 
 * ``input grad`` -- the layer's ordinary input (and bias) gradient;
 * ``GEMMs`` -- the products inside the fused op: per-sample products, Gram matrices, and the
-  per-group weight gradients of the Gram path (``bmm``/``mm``/``convolution_backward``);
+  per-group weight gradients of the Gram path (``bmm``/``mm``/``addmm_``/``convolution_backward``);
 * ``im2col`` -- the patch matrix of a convolution;
 * ``fused reduction`` -- the fused op's own loops: squares and group sums of the products
   (and the elementwise squares of the rank-one path, one token per sample);
@@ -49,7 +49,7 @@ _COPIES = ("aten::to", "aten::_to_copy", "aten::contiguous", "aten::copy_", "ate
            "aten::t", "aten::permute", "aten::expand")
 _ALLOCATION = ("aten::empty", "aten::zeros", "aten::zero_", "aten::fill_", "aten::empty_strided", "aten::empty_like")
 _CHECKS = ("aten::min", "aten::max", "aten::item", "aten::aminmax", "aten::_local_scalar_dense", "aten::bincount")
-_GEMMS = ("aten::bmm", "aten::mm", "aten::addmm", "aten::matmul", "aten::baddbmm", "aten::baddbmm_", "aten::mm_out",
+_GEMMS = ("aten::bmm", "aten::mm", "aten::addmm", "aten::addmm_", "aten::matmul", "aten::baddbmm", "aten::baddbmm_", "aten::mm_out",
           "aten::convolution_backward", "aten::mkldnn_convolution_backward_weights")
 
 

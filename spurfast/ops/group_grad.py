@@ -46,9 +46,10 @@ def _im2col_pays(out_g: torch.Tensor, rows_g: torch.Tensor, conv_args: ConvArgs)
     """Whether ``dW`` of these conv rows is better done as im2col + GEMM than by
     ``convolution_backward``: an ungrouped 2-D conv of at least 256 output channels, several
     live taps and at most 16 output positions. There oneDNN's CPU weight-gradient kernels ran
-    at 7-40 GF/s on the AVX2 host of ``benchmarks/results/scoring_profile`` (a 512x512 layer on
-    4x4 maps: 58 ms per batch of deferred sums against 32 ms this way), while the patch matrix
-    is still small next to the GEMM; on 8x8 maps, or with 128 channels, oneDNN was as fast or faster."""
+    at 7-40 GF/s on this project's AVX2 host, while the patch matrix is still small next to the
+    GEMM (timed side by side there: a 512x512 layer on 4x4 maps, B=32 in 4 groups, 46 ms per
+    batch of deferred sums through oneDNN, 31 ms this way); on 8x8 maps, or with 128 channels,
+    oneDNN was as fast or faster."""
     return (conv_args[3] == 1 and out_g.dim() == 4 and out_g.shape[0] >= 256 and out_g.shape[2] * out_g.shape[3] > 1
             and rows_g.shape[2] * rows_g.shape[3] <= 16 and out_g.dtype == rows_g.dtype and out_g.device == rows_g.device)
 
